@@ -1,0 +1,531 @@
+"""`NMSparsifier`: attaches N:M masking to the targeted layers of any ``nn.Module``.
+
+Attaching changes no parameter and no state_dict key: each targeted Linear/Conv2d gets a plain
+Python attribute ``_nm_sparse`` (its per-step settings) and an instance-level ``forward`` that runs
+the layer with the effective weight of `autograd.EffectiveWeight`. The optimizer keeps updating the
+dense weights; ``finalize()`` bakes the target masks into them. The sparsifier knows nothing about
+the Trainer: call ``update(step)`` before each optimizer step's forward passes (0-based steps).
+
+    sparsifier = NMSparsifier(model, config, total_steps=len(loader) * epochs)
+    for step, batch in enumerate(batches):
+        sparsifier.update(step)
+        loss = model(**batch).loss; loss.backward(); optimizer.step(); optimizer.zero_grad()
+    sparsifier.finalize(); sparsifier.verify()
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .autograd import effective_weight
+from .config import NMSparsityConfig
+from .errors import NMSparsityError, NMTargetError, NMVerificationError
+from .masks import check_divisible, is_nm, nm_group_nonzeros, nm_mask
+from .schedule import Pattern, SparsitySchedule, StepPlan
+from .targets import SkippedLayer, SparseBlock, TargetLayer, find_targets
+
+ATTR = "_nm_sparse"
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 keeps weights sharded on dim 0 at rest), else itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def _block_view(weight: torch.Tensor, block: SparseBlock) -> torch.Tensor:
+    return weight if block.rows is None else weight[block.rows[0] : block.rows[1]]
+
+
+class LayerSparsity:
+    """The sparsity state of one layer: which blocks, their patterns now, alpha, lambda.
+
+    Lives on the module as ``module._nm_sparse`` (not a submodule, so never in the state_dict).
+    """
+
+    def __init__(self, target: TargetLayer, dim: str, stage_maps: list[dict[Pattern, Pattern]]):
+        self.name = target.name
+        self.kind = target.kind
+        self.blocks = target.blocks
+        self.dim = dim
+        self.stage_maps = stage_maps
+        self.patterns: list[Pattern | None] = [None] * len(self.blocks)
+        # each stage map is in stage order; its last entry is the target pattern
+        self.target_patterns: list[Pattern] = [list(m.values())[-1] for m in stage_maps]
+        self.active = False
+        self.final = False
+        self.alpha: float | torch.Tensor = 0.0
+        self.srste_lambda = 0.0
+        self.freeze_pruned = False
+        self.frozen_mask: torch.Tensor | None = None
+
+    def mask(self, weight: torch.Tensor, patterns: list[Pattern | None] | None = None):
+        """The keep-mask of ``weight`` under ``patterns`` (default: this step's); True where a block
+        is dense."""
+        patterns = self.patterns if patterns is None else patterns
+        if len(self.blocks) == 1 and self.blocks[0].rows is None:
+            n, m = patterns[0]
+            return nm_mask(weight, n, m, self.dim)
+        full = torch.ones_like(weight, dtype=torch.bool)
+        for block, pattern in zip(self.blocks, patterns, strict=True):
+            if pattern is not None:
+                rows = block.rows or (0, weight.shape[0])
+                full[rows[0] : rows[1]] = nm_mask(_block_view(weight, block), *pattern, self.dim)
+        return full
+
+    def effective(self, weight: torch.Tensor) -> torch.Tensor:
+        """W̃ for this step (SPEC §4), or ``weight`` itself outside the masked phases."""
+        if not self.active or self.final:
+            return weight
+        return effective_weight(
+            weight, self.mask(weight), self.alpha, self.srste_lambda, self.freeze_pruned
+        )
+
+
+def _linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    return F.linear(input, getattr(self, ATTR).effective(self.weight), self.bias)
+
+
+def _conv_forward(self: nn.Conv2d, input: torch.Tensor) -> torch.Tensor:
+    return self._conv_forward(input, getattr(self, ATTR).effective(self.weight), self.bias)
+
+
+@dataclass
+class LayerCheck:
+    """One row of a verification: a layer (block), its target pattern and what was found."""
+
+    name: str
+    location: str
+    pattern: Pattern
+    shape: tuple[int, ...]
+    sparsity: float
+    violations: int
+    max_nonzeros: int
+
+    @property
+    def ok(self) -> bool:
+        return self.violations == 0
+
+
+@dataclass
+class VerificationReport:
+    """Result of `verify_nm` / `NMSparsifier.verify`: one `LayerCheck` per targeted block."""
+
+    layers: list[LayerCheck] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.layers) and not self.problems and all(c.ok for c in self.layers)
+
+    def raise_if_failed(self) -> VerificationReport:
+        """Raise `NMVerificationError` listing the failing layers; return self when all pass."""
+        if not self.ok:
+            bad = [c for c in self.layers if not c.ok]
+            lines = [
+                f"{c.name} [{c.location}] is not {c.pattern[0]}:{c.pattern[1]}: {c.violations} "
+                f"group(s) hold more than {c.pattern[0]} non-zeros (max {c.max_nonzeros})"
+                for c in bad[:10]
+            ]
+            lines += self.problems
+            if not self.layers:
+                lines.append("no targeted layer to verify")
+            raise NMVerificationError(
+                "N:M verification failed:\n  "
+                + "\n  ".join(lines)
+                + "\nFinalize the model (NMSparsifier.finalize()) before saving, and do not edit "
+                "the weights of a sparse checkpoint."
+            )
+        return self
+
+    def __str__(self) -> str:
+        rows = [("layer", "loc", "N:M", "shape", "sparsity", "bad groups", "status")]
+        for c in self.layers:
+            rows.append(
+                (
+                    c.name,
+                    c.location,
+                    f"{c.pattern[0]}:{c.pattern[1]}",
+                    "x".join(map(str, c.shape)),
+                    f"{c.sparsity:.4f}",
+                    str(c.violations),
+                    "ok" if c.ok else "FAIL",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        text = "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
+        summary = f"{sum(c.ok for c in self.layers)}/{len(self.layers)} layers N:M-compliant"
+        extra = "".join(f"\nproblem: {p}" for p in self.problems)
+        return f"{text}\n{summary}{extra}"
+
+
+def check_layer(
+    name: str, weight: torch.Tensor, location: str, pattern: Pattern, dim: str
+) -> LayerCheck:
+    """Verify one weight (or block) against its N:M pattern."""
+    counts = nm_group_nonzeros(weight, pattern[1], dim)
+    return LayerCheck(
+        name=name,
+        location=location,
+        pattern=tuple(pattern),
+        shape=tuple(weight.shape),
+        sparsity=float((weight == 0).sum()) / max(weight.numel(), 1),
+        violations=int((counts > pattern[0]).sum()),
+        max_nonzeros=int(counts.max()) if counts.numel() else 0,
+    )
+
+
+class NMSparsifier:
+    """N:M sparsity for a model: attach, follow the schedule step by step, finalize, verify.
+
+    Args:
+        model: any ``nn.Module``; attach before wrapping it in DDP/FSDP/``torch.compile``.
+        config: the `NMSparsityConfig`.
+        total_steps: the total number of optimizer steps of the run (phases are fractions of it).
+
+    Raises at construction (before any training step): `NMTargetError` for an unknown model family
+    without patterns, a location or pattern matching no layer, or a layer whose grouped dimension
+    M (of the target or of any SDGF stage) does not divide; `NMSparsityConfigError` for a schedule
+    that cannot fit.
+    """
+
+    def __init__(self, model: nn.Module, config: NMSparsityConfig, total_steps: int):
+        self.model = model
+        self.config = config
+        self.schedule = SparsitySchedule(config, total_steps)
+        self.targets: list[TargetLayer] = []
+        self.skipped: list[SkippedLayer] = []
+        self.layers: dict[str, LayerSparsity] = {}
+        self.plan: StepPlan | None = None
+        self._last_masks: dict[str, torch.Tensor] = {}
+        if not config.enabled:
+            return
+        self.targets, self.skipped = find_targets(model, config)
+        used = tuple(dict.fromkeys(b.location for t in self.targets for b in t.blocks))
+        self.schedule = SparsitySchedule(config, total_steps, locations=used)
+        stage_maps = self._validate_shapes()
+        for target in self.targets:
+            if hasattr(target.module, ATTR):
+                raise NMTargetError(
+                    f"{target.name}: already has an NMSparsifier attached. Call detach() on the "
+                    f"old one first."
+                )
+        for target in self.targets:
+            state = LayerSparsity(target, config.sparse_dim, stage_maps[target.name])
+            setattr(target.module, ATTR, state)
+            forward = _linear_forward if target.kind == "linear" else _conv_forward
+            target.module.forward = types.MethodType(forward, target.module)
+            self.layers[target.name] = state
+        self.update(0)
+
+    # ------------------------------------------------------------------ setup
+    def _validate_shapes(self) -> dict[str, list[dict[Pattern, Pattern]]]:
+        """Check every stage pattern fits every block; build per-block stage substitutions."""
+        errors: list[str] = []
+        maps: dict[str, list[dict[Pattern, Pattern]]] = {}
+        for target in self.targets:
+            shape = tuple(target.module.weight.shape)
+            maps[target.name] = []
+            for block in target.blocks:
+                bshape = shape if block.rows is None else (block.rows[1] - block.rows[0],) + shape[1:]
+                label = target.name + ("" if block.rows is None else f" [{block.location} rows]")
+                seq = self.schedule.stages[block.location]
+                fits = [self._fits(bshape, p[1]) for p in seq]
+                if not fits[-1]:
+                    errors.append(self._shape_error(label, bshape, seq[-1][1]))
+                    continue
+                subst: dict[Pattern, Pattern] = {}
+                for i, pattern in enumerate(seq):
+                    if fits[i]:
+                        subst[pattern] = pattern
+                    elif self.config.structure_decay_fallback:
+                        subst[pattern] = next(seq[k] for k in range(i, len(seq)) if fits[k])
+                    else:
+                        errors.append(
+                            self._shape_error(label, bshape, pattern[1])
+                            + f" (SDGF stage {pattern[0]}:{pattern[1]}; or set "
+                            f"structure_decay_fallback=True to skip stages that do not fit)"
+                        )
+                maps[target.name].append(subst)
+        if errors:
+            more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+            raise NMTargetError(
+                "layers cannot take the configured N:M pattern:\n  "
+                + "\n  ".join(errors[:10])
+                + more
+            )
+        # the target pattern is the last key of each stage map; keep the sequence order
+        for target in self.targets:
+            for k, block in enumerate(target.blocks):
+                seq = self.schedule.stages[block.location]
+                maps[target.name][k] = {p: maps[target.name][k][p] for p in seq}
+        return maps
+
+    def _fits(self, shape: tuple[int, ...], m: int) -> bool:
+        try:
+            check_divisible(shape, m, self.config.sparse_dim)
+        except NMSparsityError:
+            return False
+        return True
+
+    def _shape_error(self, label: str, shape: tuple[int, ...], m: int) -> str:
+        try:
+            check_divisible(shape, m, self.config.sparse_dim, name=label)
+        except NMSparsityError as exc:
+            return str(exc)
+        return label
+
+    # ------------------------------------------------------------------ per step
+    def update(self, step: int) -> StepPlan:
+        """Apply the plan of 0-based optimizer step ``step`` to every layer and return it.
+
+        Pure in the step (resuming at ``t`` gives the plan of an uninterrupted run at ``t``), except
+        for ``finetune_mask="frozen"``: entering fine-tune fixes each layer's mask and zeroes its
+        pruned weights, and every later call zeroes them again (optimizers such as Adam move
+        weights whose gradient is zero).
+        """
+        plan = self.schedule.at(step)
+        self.plan = plan
+        cfg = self.config
+        lam = cfg.srste_lambda if cfg.sparsity_type == "srste" else 0.0
+        frozen = plan.phase == "finetune" and cfg.finetune_mask == "frozen"
+        alpha: float | torch.Tensor = plan.alpha
+        for state in self.layers.values():
+            state.active = plan.masked
+            state.srste_lambda = lam if plan.masked else 0.0
+            state.freeze_pruned = frozen
+            state.patterns = [
+                state.stage_maps[i][plan.patterns[b.location]] if plan.masked else None
+                for i, b in enumerate(state.blocks)
+            ]
+            if cfg.mask_decay and plan.phase == "sparse":
+                # a 0-d tensor, updated in place, so torch.compile does not recompile each step
+                if not isinstance(state.alpha, torch.Tensor):
+                    state.alpha = torch.tensor(alpha, dtype=torch.float32)
+                state.alpha.fill_(alpha)
+            else:
+                state.alpha = 0.0
+        if frozen:
+            self._apply_frozen_masks()
+        return plan
+
+    @torch.no_grad()
+    def _apply_frozen_masks(self) -> None:
+        for target in self.targets:
+            state = self.layers[target.name]
+            weight = _local(target.module.weight)
+            if state.frozen_mask is None or state.frozen_mask.shape != weight.shape:
+                state.frozen_mask = state.mask(weight, state.target_patterns)
+            weight.masked_fill_(~state.frozen_mask, 0)
+
+    # ------------------------------------------------------------------ end of training
+    @torch.no_grad()
+    def finalize(self) -> VerificationReport:
+        """Bake the target masks into the weights (W ← W ⊙ Φ(W; target)), switch every layer to
+        its plain forward, and return the verification. Idempotent."""
+        for target in self.targets:
+            state = self.layers[target.name]
+            weight = _local(target.module.weight)
+            weight.mul_(state.mask(weight, state.target_patterns))
+            state.final = True
+            state.active = False
+        return self.verify()
+
+    def verify(self, strict: bool = True) -> VerificationReport:
+        """Check every targeted block is N:M-compliant at its target pattern.
+
+        Returns the `VerificationReport`; with ``strict`` raises `NMVerificationError` on failure.
+        """
+        report = VerificationReport()
+        for target in self.targets:
+            state = self.layers[target.name]
+            weight = _local(target.module.weight).detach()
+            for block, pattern in zip(target.blocks, state.target_patterns, strict=True):
+                label = target.name + ("" if block.rows is None else f"[{block.location}]")
+                report.layers.append(
+                    check_layer(
+                        label, _block_view(weight, block), block.location, pattern, state.dim
+                    )
+                )
+        if not self.targets and self.config.enabled:
+            report.problems.append("no layer is targeted")
+        if strict:
+            report.raise_if_failed()
+        return report
+
+    def detach(self) -> None:
+        """Remove the sparse forwards; the model is a plain model again (weights as they are)."""
+        for target in self.targets:
+            module = target.module
+            if getattr(module, ATTR, None) is self.layers.get(target.name):
+                del module.forward
+                delattr(module, ATTR)
+        self.layers = {}
+
+    # ------------------------------------------------------------------ reporting
+    @torch.no_grad()
+    def stats(self) -> dict[str, float]:
+        """Per-location realised sparsity of the effective weights and mask flip rate since the
+        previous call (the fraction of mask entries that changed), for logging."""
+        out: dict[str, float] = {}
+        plan = self.plan
+        if plan is None or not self.layers:
+            return out
+        zeros: dict[str, list[float]] = {}
+        flips: dict[str, list[float]] = {}
+        for target in self.targets:
+            state = self.layers[target.name]
+            weight = _local(target.module.weight).detach()
+            if state.final:
+                masks = [(b, _block_view(weight, b) != 0) for b in target.blocks]
+                eff = weight
+            elif state.active:
+                full = state.mask(weight)
+                masks = [(b, _block_view(full, b)) for b in target.blocks]
+                eff = state.effective(weight)
+            else:
+                masks, eff = [], weight
+            for block in target.blocks:
+                part = _block_view(eff, block)
+                zeros.setdefault(block.location, [0.0, 0.0])
+                zeros[block.location][0] += float((part == 0).sum())
+                zeros[block.location][1] += part.numel()
+            for block, mask in masks:
+                key = f"{target.name}:{block.location}"
+                prev = self._last_masks.get(key)
+                if prev is not None and prev.shape == mask.shape:
+                    flips.setdefault(block.location, [0.0, 0.0])
+                    flips[block.location][0] += float((prev != mask).sum())
+                    flips[block.location][1] += mask.numel()
+                self._last_masks[key] = mask.clone()
+        for loc, (z, total) in zeros.items():
+            out[f"sparsity/{loc}"] = z / max(total, 1)
+        for loc, (f, total) in flips.items():
+            out[f"mask_flip_rate/{loc}"] = f / max(total, 1)
+        return out
+
+    def report(self) -> str:
+        """A table of targeted layers (location, pattern now and at the end) and skipped layers
+        with the reason."""
+        plan = self.plan
+        lines = [
+            f"nmsparse_hf: {self.config.recipe_name}, dim={self.config.sparse_dim}, "
+            f"phase={plan.phase if plan else '-'} step={plan.step if plan else '-'}"
+        ]
+        lines.append(f"targeted ({sum(len(t.blocks) for t in self.targets)} blocks):")
+        for target in self.targets:
+            state = self.layers[target.name]
+            for i, block in enumerate(target.blocks):
+                now = state.patterns[i]
+                tgt = state.target_patterns[i]
+                rows = "" if block.rows is None else f" rows {block.rows[0]}:{block.rows[1]}"
+                lines.append(
+                    f"  {target.name}{rows}  {block.location}  "
+                    f"target {tgt[0]}:{tgt[1]}  now {'dense' if now is None else f'{now[0]}:{now[1]}'}"
+                )
+        lines.append(f"skipped ({len(self.skipped)}):")
+        for skip in self.skipped:
+            lines.append(f"  {skip.name}  {skip.kind} {'x'.join(map(str, skip.shape))}  {skip.reason}")
+        return "\n".join(lines)
+
+    def metadata(self) -> dict:
+        """What a sparse checkpoint records (SPEC §5): patterns, dim, locations, recipe and, per
+        targeted layer (current module names), its blocks and target patterns."""
+        from . import __version__
+
+        cfg = self.config
+        layers = {}
+        for target in self.targets:
+            state = self.layers[target.name]
+            layers[target.name] = [
+                {
+                    "location": b.location,
+                    "rows": list(b.rows) if b.rows else None,
+                    "n_keep": p[0],
+                    "m": p[1],
+                }
+                for b, p in zip(target.blocks, state.target_patterns, strict=True)
+            ]
+        used = sorted({b.location for t in self.targets for b in t.blocks})
+        kept = total = 0
+        for target in self.targets:
+            w = _local(target.module.weight).detach()
+            kept += int((w != 0).sum())
+            total += w.numel()
+        return {
+            "format": "nmsparse_hf/1",
+            "library_version": __version__,
+            "n_keep": cfg.n_keep,
+            "m": cfg.m,
+            "n_keep_qkv": cfg.n_keep_qkv,
+            "m_qkv": cfg.m_qkv,
+            "sparse_dim": cfg.sparse_dim,
+            "locations": {loc: list(cfg.target_pattern(loc)) for loc in used},
+            "recipe": cfg.recipe_name,
+            "config": cfg.to_dict(),
+            "layers": layers,
+            "achieved_sparsity": 1.0 - kept / total if total else 0.0,
+        }
+
+
+def verify_nm(
+    model: nn.Module, layers: dict | None = None, sparse_dim: str | None = None, strict: bool = True
+) -> VerificationReport:
+    """Verify that a model's sparse layers are N:M-compliant.
+
+    Which layers: ``layers`` (the ``"layers"`` mapping of `NMSparsifier.metadata`), else the layers
+    of an attached sparsifier, else the ``nm_sparsity`` metadata in ``model.config``. A named layer
+    missing from the model, or metadata that does not match the weights' shape, is a problem.
+
+    Returns the `VerificationReport`; with ``strict`` raises `NMVerificationError` on failure.
+    """
+    modules = dict(model.named_modules())
+    meta = getattr(getattr(model, "config", None), "nm_sparsity", None)
+    if layers is None:
+        attached = {n: getattr(m, ATTR) for n, m in modules.items() if hasattr(m, ATTR)}
+        if attached:
+            layers = {
+                n: [
+                    {"location": b.location, "rows": b.rows, "n_keep": p[0], "m": p[1]}
+                    for b, p in zip(s.blocks, s.target_patterns, strict=True)
+                ]
+                for n, s in attached.items()
+            }
+            sparse_dim = sparse_dim or next(iter(attached.values())).dim
+        elif isinstance(meta, dict):
+            layers = meta.get("layers_current") or meta.get("layers")
+            sparse_dim = sparse_dim or meta.get("sparse_dim", "row")
+    if not layers:
+        raise NMVerificationError(
+            f"{type(model).__name__}: nothing says which layers should be N:M (no attached "
+            f"NMSparsifier, no nm_sparsity metadata in its config). Pass layers=..., or load a "
+            f"checkpoint saved by nmsparse_hf."
+        )
+    sparse_dim = sparse_dim or "row"
+    report = VerificationReport()
+    for name, blocks in layers.items():
+        module = modules.get(name)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            report.problems.append(f"layer {name!r} named in the metadata is not in the model")
+            continue
+        weight = _local(weight).detach()
+        for spec in blocks:
+            rows = spec.get("rows")
+            part = weight if not rows else weight[rows[0] : rows[1]]
+            pattern = (int(spec["n_keep"]), int(spec["m"]))
+            label = name + ("" if not rows else f"[{spec['location']}]")
+            try:
+                report.layers.append(
+                    check_layer(label, part, spec["location"], pattern, sparse_dim)
+                )
+            except NMSparsityError as exc:
+                report.problems.append(f"{label}: metadata does not match the weights: {exc}")
+    if strict:
+        report.raise_if_failed()
+    return report
