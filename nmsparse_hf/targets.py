@@ -180,9 +180,11 @@ def find_targets(
     for name, module in model.named_modules():
         kind = _kind(module)
         if kind is None:
-            if explicit and name and matches(name, config.target_modules):
-                if not any(isinstance(c, nn.Linear | nn.Conv2d) for c in module.modules()):
-                    matched_non_layer.append(f"{name} ({type(module).__name__})")
+            # a matched module with weights of its own (LayerNorm, Embedding, ...) cannot be
+            # made N:M; containers and activations without parameters are passed over
+            has_own_params = any(True for _ in module.parameters(recurse=False))
+            if explicit and has_own_params and matches(name, config.target_modules):
+                matched_non_layer.append(f"{name} ({type(module).__name__})")
             continue
         shape = tuple(module.weight.shape)
         if matches(name, config.exclude_modules):

@@ -1,0 +1,338 @@
+"""Executable spec of the N:M mask Φ(W; N, M, dim) (SPEC §1, §3): `nm_mask`, `is_nm`,
+`nm_group_nonzeros`, `check_divisible`.
+
+Expected masks are written out by hand; the random-shape tests use an independent oracle (a stable
+sort by descending magnitude, so ties go to the lower index).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from nmsparse_hf import NMSparsityError, is_nm, nm_mask
+from nmsparse_hf.masks import check_divisible, nm_group_nonzeros
+
+T, F = True, False
+
+
+def _mask(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def _keep_indices(shape: tuple[int, int], kept: list[list[int]]) -> torch.Tensor:
+    """A bool mask of ``shape`` with True exactly at the listed column indices of each row."""
+    out = torch.zeros(shape, dtype=torch.bool)
+    for r, cols in enumerate(kept):
+        out[r, cols] = True
+    return out
+
+
+def _oracle_row(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Reference row-wise mask of a 2-D weight: per group, the n largest |w|, ties to lower index."""
+    groups = weight.detach().float().abs().reshape(-1, m)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[:, :n]
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True)
+    return keep.reshape(weight.shape)
+
+
+# ----------------------------------------------------------------------------- hand-computed masks
+def test_row_2_4_hand_computed():
+    w = torch.tensor(
+        [
+            [0.1, -0.9, 0.5, 0.3, 2.0, -1.0, 0.0, 1.5],
+            [-3.0, 1.0, 2.0, -0.5, 0.2, 0.1, -0.4, 0.3],
+        ]
+    )
+    expected = _mask(
+        [
+            [F, T, T, F, T, F, F, T],
+            [T, F, T, F, F, F, T, T],
+        ]
+    )
+    got = nm_mask(w, 2, 4, "row")
+    assert got.dtype == torch.bool and got.shape == w.shape
+    assert torch.equal(got, expected)
+    assert torch.equal(nm_mask(w, 2, 4), expected)  # row is the default
+
+
+def test_col_2_4_hand_computed_with_all_zero_column():
+    # groups run down each column; column 2 is all zero: ties -> the two lowest rows are kept
+    w = torch.tensor(
+        [
+            [1.0, -5.0, 0.0],
+            [4.0, 2.0, 0.0],
+            [-3.0, 1.0, 0.0],
+            [2.0, 6.0, 0.0],
+        ]
+    )
+    expected = _mask(
+        [
+            [F, T, T],
+            [T, F, T],
+            [T, F, F],
+            [F, T, F],
+        ]
+    )
+    assert torch.equal(nm_mask(w, 2, 4, "col"), expected)
+
+
+def test_conv_2_4_groups_along_input_channels_per_output_and_position():
+    # weight [O=2, I=4, kh=1, kw=2], written as w[o][i][0] = [kw=0, kw=1]
+    # (o=0,kw=0): I-values 1,2,3,4  -> keep i=2,3     (o=0,kw=1): 4,3,2,1 -> keep i=0,1
+    # (o=1,kw=0): -5,0,5,1 -> keep i=0,2 (|5| tie, both)  (o=1,kw=1): all 0 -> keep i=0,1
+    w = torch.tensor(
+        [
+            [[[1.0, 4.0]], [[2.0, 3.0]], [[3.0, 2.0]], [[4.0, 1.0]]],
+            [[[-5.0, 0.0]], [[0.0, 0.0]], [[5.0, 0.0]], [[1.0, 0.0]]],
+        ]
+    )
+    expected = torch.tensor(
+        [
+            [[[F, T]], [[F, T]], [[T, F]], [[T, F]]],
+            [[[T, T]], [[F, T]], [[T, F]], [[F, F]]],
+        ]
+    )
+    got = nm_mask(w, 2, 4, "row")
+    assert got.shape == (2, 4, 1, 2)
+    assert torch.equal(got, expected)
+    # grouping the flattened [O, I*kh*kw] rows instead would keep a different set
+    flat_wrong = nm_mask(w.reshape(2, 8), 2, 4, "row").reshape(w.shape)
+    assert not torch.equal(flat_wrong, expected)
+
+
+def test_conv_col_groups_along_output_channels():
+    # weight [O=4, I=1, kh=1, kw=2]; col groups run along O for each (i, kh, kw)
+    w = torch.tensor([[[[1.0, -8.0]]], [[[7.0, 1.0]]], [[[-2.0, 2.0]]], [[[3.0, 9.0]]]])
+    expected = torch.tensor([[[[F, T]]], [[[T, F]]], [[[F, F]]], [[[T, T]]]])
+    assert torch.equal(nm_mask(w, 2, 4, "col"), expected)
+
+
+def test_row_1_8_hand_computed_with_ties():
+    w = torch.full((2, 16), 0.1)
+    w[0, 5] = -3.0  # row 0, group 0: the one large magnitude is negative
+    w[0, 8:] = torch.arange(1.0, 9.0)  # row 0, group 1: 1..8 -> keep the last
+    w[1, :8] = 0.5  # row 1, group 0: all equal -> keep the lowest index
+    w[1, 8:] = torch.tensor([0, 0, 0, 0, 0, 0, 0, -0.001])  # row 1, group 1
+    expected = _mask(
+        [
+            [F, F, F, F, F, T, F, F, F, F, F, F, F, F, F, T],
+            [T, F, F, F, F, F, F, F, F, F, F, F, F, F, F, T],
+        ]
+    )
+    assert torch.equal(nm_mask(w, 1, 8), expected)
+
+
+def test_row_1_32_hand_computed_on_2x64():
+    w = torch.full((2, 64), 0.01)
+    w[0, 5] = -2.0
+    w[0, 40] = 1.0
+    w[1, 31] = 3.0  # last weight of group 0
+    w[1, 32] = 0.5  # first weight of group 1 ...
+    w[1, 33] = -0.5  # ... ties with this one: the lower index wins
+    expected = _keep_indices((2, 64), [[5, 40], [31, 32]])
+    assert torch.equal(nm_mask(w, 1, 32), expected)
+
+
+def test_row_8_64_hand_computed():
+    w = torch.full((3, 64), 0.1)
+    big = [0, 3, 10, 17, 30, 41, 55, 63]
+    w[0, big] = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0, -6.0, 7.0, -8.0])
+    w[1] = -0.1 * torch.arange(64.0)  # magnitude grows with the index: keep the last 8
+    w[2] = 0.25  # all equal: keep the first 8
+    expected = _keep_indices((3, 64), [big, list(range(56, 64)), list(range(8))])
+    assert torch.equal(nm_mask(w, 8, 64), expected)
+
+
+def test_negative_values_use_magnitude():
+    w = torch.tensor([[-4.0, 1.0, -3.0, 2.0]])
+    assert torch.equal(nm_mask(w, 2, 4), _mask([[T, F, T, F]]))
+    assert torch.equal(nm_mask(-w, 2, 4), _mask([[T, F, T, F]]))
+
+
+def test_groups_never_cross_rows():
+    # all large values sit in row 0; each row still keeps exactly 2 of its own 4
+    w = torch.tensor([[10.0, 20.0, 30.0, 40.0], [1.0, 2.0, 3.0, 4.0]])
+    assert torch.equal(nm_mask(w, 2, 4), _mask([[F, F, T, T], [F, F, T, T]]))
+
+
+def test_m_that_does_not_divide_the_row_is_an_error_not_a_cross_row_group():
+    # 2x6 flattened is 3 groups of 4, but such groups would span both rows: refuse
+    w = torch.randn(2, 6)
+    with pytest.raises(NMSparsityError) as err:
+        nm_mask(w, 2, 4)
+    msg = str(err.value)
+    assert "(2, 6)" in msg
+    assert re.search(r"M\s*=\s*4\b", msg)
+
+
+# ----------------------------------------------------------------------------- ties / determinism
+def test_ties_break_to_lower_index():
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, -2.0, 2.0, 2.0]])
+    assert torch.equal(nm_mask(w, 2, 4), _mask([[T, T, F, F, F, T, T, F]]))
+    assert torch.equal(nm_mask(w, 1, 4), _mask([[T, F, F, F, F, T, F, F]]))
+    assert torch.equal(nm_mask(w, 3, 4), _mask([[T, T, T, F, F, T, T, T]]))
+
+
+def test_repeated_calls_give_the_same_mask():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-2, 3, (64, 64), generator=g).float()  # many ties
+    first = nm_mask(w, 2, 8)
+    for _ in range(3):
+        assert torch.equal(nm_mask(w, 2, 8), first)
+    assert torch.equal(first, _oracle_row(w, 2, 8))
+
+
+def test_permuted_then_unpermuted_gives_the_same_mask():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randint(-2, 3, (16, 32), generator=g).float()
+    base = nm_mask(w, 2, 8)
+    # a non-contiguous view of the same values (memory permuted, logical layout unchanged)
+    noncontig = w.t().contiguous().t()
+    assert not noncontig.is_contiguous()
+    assert torch.equal(nm_mask(noncontig, 2, 8), base)
+    # permuting rows permutes the mask the same way
+    perm = torch.randperm(16, generator=g)
+    assert torch.equal(nm_mask(w[perm], 2, 8)[torch.argsort(perm)], base)
+    # permuting whole groups within the rows permutes the mask the same way
+    gperm = torch.tensor([2, 0, 3, 1])
+    cols = (gperm[:, None] * 8 + torch.arange(8)).reshape(-1)
+    assert torch.equal(nm_mask(w[:, cols], 2, 8)[:, torch.argsort(cols)], base)
+
+
+def test_col_grouping_equals_row_grouping_of_the_transpose():
+    g = torch.Generator().manual_seed(2)
+    for w in (torch.randn(32, 24, generator=g), torch.randint(-1, 2, (32, 24), generator=g).float()):
+        for n, m in ((2, 4), (1, 8), (1, 32), (3, 16)):
+            assert torch.equal(nm_mask(w, n, m, "col"), nm_mask(w.t(), n, m, "row").t())
+
+
+def test_conv_masks_match_the_linear_mask_of_each_kernel_position():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randint(-3, 4, (6, 16, 3, 3), generator=g).float()
+    row = nm_mask(w, 1, 8, "row")
+    col = nm_mask(w, 1, 2, "col")
+    for kh in range(3):
+        for kw in range(3):
+            assert torch.equal(row[:, :, kh, kw], _oracle_row(w[:, :, kh, kw], 1, 8))
+            assert torch.equal(col[:, :, kh, kw], _oracle_row(w[:, :, kh, kw].t(), 1, 2).t())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights_give_the_fp32_mask(dtype):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 128, generator=g).to(dtype)
+    for n, m in ((2, 4), (1, 8), (8, 64)):
+        for dim in ("row", "col"):
+            assert torch.equal(nm_mask(w, n, m, dim), nm_mask(w.float(), n, m, dim))
+
+
+def test_mask_is_detached_and_has_no_grad():
+    w = torch.randn(4, 8, requires_grad=True)
+    mask = nm_mask(w, 2, 4)
+    assert mask.dtype == torch.bool and not mask.requires_grad
+
+
+# ----------------------------------------------------------------------------- random ViT shapes
+@pytest.mark.parametrize(
+    "shape", [(192, 768), (768, 192), (576, 192), (64, 64, 3, 3)], ids=str
+)
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (1, 8), (4, 8), (1, 16), (1, 32), (8, 64)])
+def test_exactly_n_largest_per_group_on_vit_shapes(shape, n, m):
+    g = torch.Generator().manual_seed(n * 100 + m)
+    w = torch.randn(shape, generator=g)
+    mask = nm_mask(w, n, m, "row")
+    groups = w.abs().movedim(1, -1).reshape(-1, m)
+    keep = mask.movedim(1, -1).reshape(-1, m)
+    assert torch.equal(keep.sum(-1), torch.full((groups.shape[0],), n))
+    kept_min = groups.masked_fill(~keep, float("inf")).amin(-1)
+    pruned_max = groups.masked_fill(keep, -1.0).amax(-1)
+    assert (kept_min >= pruned_max).all()
+    assert is_nm(w * mask, n, m)
+    assert torch.equal(nm_group_nonzeros(w * mask, m), torch.full((groups.shape[0],), n))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (1, 32)])
+def test_exactly_n_per_group_with_heavy_ties(n, m):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randint(-1, 2, (96, 192), generator=g).float()  # only -1, 0, 1
+    for dim in ("row", "col"):
+        mask = nm_mask(w, n, m, dim)
+        ref = _oracle_row(w, n, m) if dim == "row" else _oracle_row(w.t(), n, m).t()
+        assert torch.equal(mask, ref)
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("n,m", [(0, 4), (-1, 4), (5, 4), (9, 8)])
+def test_n_out_of_range_is_an_error(n, m):
+    with pytest.raises(NMSparsityError):
+        nm_mask(torch.randn(2, 8), n, m)
+
+
+def test_n_equal_m_keeps_everything():
+    assert nm_mask(torch.randn(2, 8), 4, 4).all()
+
+
+def test_check_divisible_names_layer_shape_and_m():
+    check_divisible((3, 8), 4, "row")  # fine: no error
+    check_divisible((8, 3, 3, 3), 4, "col")
+    with pytest.raises(NMSparsityError) as err:
+        check_divisible((3, 6), 4, "row", name="blocks.0.mlp.fc1")
+    msg = str(err.value)
+    assert "blocks.0.mlp.fc1" in msg and "(3, 6)" in msg and re.search(r"M\s*=\s*4\b", msg)
+    with pytest.raises(NMSparsityError, match=r"\(6, 8\)"):
+        check_divisible((6, 8), 4, "col")
+    with pytest.raises(NMSparsityError, match=r"M\s*=\s*8\b"):
+        check_divisible((16, 12, 3, 3), 8, "row")
+
+
+def test_bad_dim_and_1d_weight_are_errors():
+    with pytest.raises(NMSparsityError, match="diag"):
+        nm_mask(torch.randn(4, 4), 2, 4, "diag")
+    with pytest.raises(NMSparsityError, match=r"\(8,\)"):
+        nm_mask(torch.randn(8), 2, 4)
+
+
+def test_conv_mask_error_names_shape_and_m():
+    with pytest.raises(NMSparsityError) as err:
+        nm_mask(torch.randn(8, 3, 3, 3), 2, 4, "row")
+    assert "(8, 3, 3, 3)" in str(err.value) and re.search(r"M\s*=\s*4\b", str(err.value))
+
+
+# ----------------------------------------------------------------------------- is_nm / counts
+def test_nm_group_nonzeros_hand_computed():
+    w = torch.tensor(
+        [
+            [1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [1.0, -1.0, 3.0, 4.0, 0.0, 0.0, 5.0, 0.0],
+        ]
+    )
+    got = nm_group_nonzeros(w, 4)
+    assert not got.is_floating_point()
+    assert got.tolist() == [2, 0, 4, 1]
+    # col: groups of 2 down each column, ordered column by column
+    assert nm_group_nonzeros(w, 2, "col").tolist() == [2, 1, 2, 1, 0, 0, 1, 0]
+
+
+def test_is_nm_hand_computed():
+    ok = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0]])  # 2 and 1 non-zeros
+    bad = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 4.0, 5.0, 3.0]])  # 2 and 3 non-zeros
+    assert is_nm(ok, 2, 4)  # "at most N": a group with fewer non-zeros complies
+    assert not is_nm(bad, 2, 4)
+    assert is_nm(bad, 3, 4)
+    assert not is_nm(ok, 1, 4)
+    assert is_nm(torch.zeros(2, 8), 1, 4)
+    assert not is_nm(torch.ones(2, 8), 2, 4)
+
+
+def test_is_nm_col_and_masked_weights():
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(16, 8, generator=g)
+    assert not is_nm(w, 2, 4, "col")
+    assert is_nm(w * nm_mask(w, 2, 4, "col"), 2, 4, "col")
+    # a column-wise 2:4 mask is not (in general) row-wise 2:4
+    assert not is_nm(w * nm_mask(w, 2, 4, "col"), 2, 4, "row")
+    with pytest.raises(NMSparsityError, match=r"\(16, 8\)"):
+        is_nm(w, 1, 32, "col")
