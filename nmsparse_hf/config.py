@@ -125,6 +125,15 @@ def _enum(field_name: str, value: Any) -> str:
     return aliases[key]
 
 
+def _to_float(field_name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise NMSparsityConfigError(f"{field_name}: expected a number, got {value!r}.")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise NMSparsityConfigError(f"{field_name}: expected a number, got {value!r}.") from None
+
+
 def _to_bool(field_name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -242,7 +251,7 @@ class NMSparsityConfig:
                     f"weights kept in each group of M and needs 0 < N < M (e.g. 2:4, 1:8)."
                 )
         for name in ("dense_fraction", "finetune_fraction"):
-            val = float(getattr(self, name))
+            val = _to_float(name, getattr(self, name))
             if not 0.0 <= val <= 1.0 or math.isnan(val):
                 raise NMSparsityConfigError(
                     f"{name} = {getattr(self, name)!r} is outside [0, 1]: it is a fraction of the "
@@ -256,7 +265,7 @@ class NMSparsityConfig:
                 f"their sum is below 1."
             )
         for name in ("decay_coef", "srste_lambda"):
-            val = float(getattr(self, name))
+            val = _to_float(name, getattr(self, name))
             if val < 0 or math.isnan(val) or math.isinf(val):
                 raise NMSparsityConfigError(
                     f"{name} = {getattr(self, name)!r} must be a finite number >= 0."

@@ -53,8 +53,18 @@ def _grouped(weight: torch.Tensor, m: int, dim: str) -> tuple[torch.Tensor, tupl
     return moved.reshape(-1, m), tuple(moved.shape)
 
 
-def _ungrouped(groups: torch.Tensor, moved_shape: tuple[int, ...], axis: int) -> torch.Tensor:
-    return groups.reshape(moved_shape).movedim(-1, axis)
+def _group_view(weight: torch.Tensor, m: int, dim: str) -> torch.Tensor:
+    """``weight`` as a ``[P, m, Q]`` view (no copy for a contiguous weight) whose dimension 1 runs
+    along one group: ``Q == 1`` for ``row`` Linear weights, ``Q`` = the trailing size otherwise."""
+    axis = group_axis(weight.shape, dim)
+    shape = weight.shape
+    outer = 1
+    for size in shape[:axis]:
+        outer *= size
+    inner = 1
+    for size in shape[axis + 1 :]:
+        inner *= size
+    return weight.reshape(outer * (shape[axis] // m), m, inner)
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int, dim: str = "row") -> torch.Tensor:
@@ -79,20 +89,69 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: str = "row") -> torch.Ten
     if n == m:
         return torch.ones_like(weight, dtype=torch.bool)
     with torch.no_grad():
-        groups, moved_shape = _grouped(weight.detach().abs(), m, dim)
-        if groups.dtype not in (torch.float32, torch.float64):
-            groups = groups.float()
+        magnitude = weight.detach().abs()
+        if magnitude.dtype not in (torch.float32, torch.float64):
+            magnitude = magnitude.float()
+        groups = _group_view(magnitude, m, dim)
         keep = _topn_stable(groups, n)
-        return _ungrouped(keep, moved_shape, group_axis(weight.shape, dim))
+        return keep.reshape(weight.shape)
+
+
+def _nth_largest(groups: torch.Tensor, n: int) -> tuple[torch.Tensor, bool | None]:
+    """The n-th largest value of each group of ``groups`` ``[P, m, Q]`` (along dim 1), shaped
+    ``[P, 1, Q]``, and whether any group's n-th and (n+1)-th largest are equal (``None``: unknown).
+
+    Cheap special cases for the common patterns; ``topk`` otherwise (slow for small m on CPU).
+    """
+    m = groups.shape[1]
+    if n == 1:
+        if groups.shape[2] == 1 and m < 16:
+            # max-pooling beats amax over a short innermost dimension on CPU
+            pooled = torch.nn.functional.max_pool1d(groups.view(1, 1, -1), m, m)
+            return pooled.view(-1, 1, 1), None
+        return groups.amax(dim=1, keepdim=True), None
+    if n == 2 and m == 4:
+        # sorted (a, b, c, d): 2nd = max(high, low), 3rd = min(high, low) with
+        # high = min(max(a, b), max(c, d)), low = max(min(a, b), min(c, d))
+        a, b, c, d = groups.unbind(dim=1)
+        high = torch.minimum(torch.maximum(a, b), torch.maximum(c, d))
+        low = torch.maximum(torch.minimum(a, b), torch.minimum(c, d))
+        return torch.maximum(high, low).unsqueeze(1), bool((high == low).any())
+    kth = groups.topk(n, dim=1, largest=True, sorted=False).values.amin(dim=1, keepdim=True)
+    return kth, None
 
 
 def _topn_stable(groups: torch.Tensor, n: int) -> torch.Tensor:
-    """Bool mask of the n largest values in each row of ``groups`` ``[G, m]``, ties to lower index.
+    """Bool mask of the n largest values in each group of ``groups`` ``[P, m, Q]`` (along dim 1),
+    ties to the lower index.
 
-    The n-th largest value ``t`` of each row comes from ``topk`` (its value is unique even when
-    topk's choice among equal entries is not); everything strictly above ``t`` is kept, and the
-    remaining slots go to the entries equal to ``t`` in index order.
+    With ``t`` the n-th largest value of a group, ``groups >= t`` keeps exactly n entries unless
+    the n-th and (n+1)-th largest are equal (for n = m - 1: ``groups > min``, unless the minimum
+    is repeated). One global count (or the (n+1)-th largest, where it is
+    cheap) tells whether that happened anywhere; only such groups go through the exact
+    tie-breaking of `_topn_stable_rows`.
     """
+    if n == groups.shape[1] - 1:
+        # prune the single smallest: exact unless a group's minimum is repeated
+        keep = groups > groups.amin(dim=1, keepdim=True)
+        tied = None
+    else:
+        kth, tied = _nth_largest(groups, n)
+        keep = groups >= kth
+    if tied is None:
+        tied = int(torch.count_nonzero(keep)) != groups.numel() // groups.shape[1] * n
+    if tied:
+        counts = keep.sum(dim=1)
+        bad = (counts != n).nonzero(as_tuple=True)
+        rows = groups.transpose(1, 2)[bad]
+        keep.transpose(1, 2)[bad] = _topn_stable_rows(rows, n)
+    return keep
+
+
+def _topn_stable_rows(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """`_topn_stable` for ``[G, m]`` rows, exact for any ties (NaN aside): the n-th largest value
+    ``t`` of each row comes from ``topk``; everything strictly above ``t`` is kept, and the
+    remaining slots go to the entries equal to ``t`` in index order."""
     kth = groups.topk(n, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
     above = groups > kth
     equal = groups == kth

@@ -30,6 +30,8 @@ from .schedule import Pattern, SparsitySchedule, StepPlan
 from .targets import SkippedLayer, SparseBlock, TargetLayer, find_targets
 
 ATTR = "_nm_sparse"
+# stands in for the run length until the Trainer knows max_steps (validates fractions early)
+_PROVISIONAL_STEPS = 1_000_000
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -186,7 +188,8 @@ class NMSparsifier:
     Args:
         model: any ``nn.Module``; attach before wrapping it in DDP/FSDP/``torch.compile``.
         config: the `NMSparsityConfig`.
-        total_steps: the total number of optimizer steps of the run (phases are fractions of it).
+        total_steps: the total number of optimizer steps of the run (phases are fractions of it),
+            or None to give it later with `set_total_steps` (the Trainer does, from max_steps).
 
     Raises at construction (before any training step): `NMTargetError` for an unknown model family
     without patterns, a location or pattern matching no layer, or a layer whose grouped dimension
@@ -194,20 +197,25 @@ class NMSparsifier:
     that cannot fit.
     """
 
-    def __init__(self, model: nn.Module, config: NMSparsityConfig, total_steps: int):
+    def __init__(self, model: nn.Module, config: NMSparsityConfig, total_steps: int | None):
         self.model = model
         self.config = config
-        self.schedule = SparsitySchedule(config, total_steps)
+        self.total_steps = total_steps
+        # validates total_steps and the phase fractions now; rebuilt with the used locations below
+        self.schedule = SparsitySchedule(config, _PROVISIONAL_STEPS if total_steps is None else total_steps)
         self.targets: list[TargetLayer] = []
         self.skipped: list[SkippedLayer] = []
         self.layers: dict[str, LayerSparsity] = {}
+        self.locations: tuple[str, ...] = ()
         self.plan: StepPlan | None = None
         self._last_masks: dict[str, torch.Tensor] = {}
         if not config.enabled:
             return
         self.targets, self.skipped = find_targets(model, config)
-        used = tuple(dict.fromkeys(b.location for t in self.targets for b in t.blocks))
-        self.schedule = SparsitySchedule(config, total_steps, locations=used)
+        self.locations = tuple(dict.fromkeys(b.location for t in self.targets for b in t.blocks))
+        self.schedule = SparsitySchedule(
+            config, _PROVISIONAL_STEPS if total_steps is None else total_steps, locations=self.locations
+        )
         stage_maps = self._validate_shapes()
         for target in self.targets:
             if hasattr(target.module, ATTR):
@@ -221,7 +229,23 @@ class NMSparsifier:
             forward = _linear_forward if target.kind == "linear" else _conv_forward
             target.module.forward = types.MethodType(forward, target.module)
             self.layers[target.name] = state
-        self.update(0)
+        if total_steps is not None:
+            self.update(0)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Set (or change) the run length, e.g. once the Trainer knows ``max_steps``.
+
+        Raises `NMSparsityConfigError` if the sparse phase becomes too short for the SDGF stages.
+        """
+        self.schedule = SparsitySchedule(
+            self.config, total_steps, locations=self.locations or None
+        )
+        self.total_steps = total_steps
+
+    @property
+    def finalized(self) -> bool:
+        """True once `finalize` has baked the target masks into the weights."""
+        return bool(self.layers) and all(s.final for s in self.layers.values())
 
     # ------------------------------------------------------------------ setup
     def _validate_shapes(self) -> dict[str, list[dict[Pattern, Pattern]]]:
@@ -289,6 +313,11 @@ class NMSparsifier:
         pruned weights, and every later call zeroes them again (optimizers such as Adam move
         weights whose gradient is zero).
         """
+        if self.total_steps is None:
+            raise NMSparsityError(
+                "NMSparsifier.update: the run length is not set. Pass total_steps to the "
+                "constructor or call set_total_steps(n) first."
+            )
         plan = self.schedule.at(step)
         self.plan = plan
         cfg = self.config

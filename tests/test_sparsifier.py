@@ -279,8 +279,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch):
         model.train()
         sp = NMSparsifier(model, cfg, total_steps=10)
         sp.update(3)
-        calls = []
-        model.vit.layers[0].mlp.fc1.register_forward_hook(lambda *a: calls.append(1))
+        calls: list[int] = []
+        model.vit.layers[0].mlp.fc1.register_forward_hook(lambda *a, c=calls: c.append(1))
         model(pixel_values=x, labels=y).loss.backward()
         assert len(calls) == (2 if ckpt else 1)  # checkpointing really re-ran the forward
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
