@@ -99,10 +99,11 @@ class DataArguments:
         mixup_prob: probability that a batch is mixed when mixup is on.
         random_erasing: probability of torchvision's RandomErasing on a training image (0 = off).
         min_crop_scale: lower bound of RandomResizedCrop's area scale; ``None`` = 0.08 for natural
-            images, 0.6 for the digits (a tenth of a digit is not a digit).
+            images, 0.8 for the digits (a tenth of a digit is not a digit).
         hflip: random horizontal flips; ``None`` = on for natural images, off for the digits (a
             mirrored 2 is not a 2).
-        seed: seed of every random choice made here (splits, subsets, shuffles, mixup).
+        dataset_seed: seed of every random choice made here (splits, subsets, shuffles, mixup);
+            not ``seed``, which `transformers.TrainingArguments` already has (one parser reads both).
     """
 
     dataset_name: str | None = field(
@@ -168,13 +169,15 @@ class DataArguments:
     )
     min_crop_scale: float | None = field(
         default=None,
-        metadata={"help": "RandomResizedCrop min area scale; None = 0.08 (0.6 for digits)."},
+        metadata={"help": "RandomResizedCrop min area scale; None = 0.08 (0.8 for digits)."},
     )
     hflip: bool | None = field(
         default=None,
         metadata={"help": "Random horizontal flips; None = on (off for the digits)."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of splits, subsets, shuffles, mixup."})
+    dataset_seed: int = field(
+        default=0, metadata={"help": "Seed of splits, subsets, shuffles, mixup."}
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:
@@ -215,9 +218,9 @@ class DataArguments:
     def source(self) -> str:
         """The kind of source: ``"digits"``, ``"imagefolder"``, ``"webdataset"`` or ``"hub"``."""
         name = self.dataset_name
-        if name is None or name == DIGITS:
-            if self.data_dir is None:
-                return DIGITS
+        if name == DIGITS or (name is None and self.data_dir is None):
+            return DIGITS
+        if name is None:
             return WEBDATASET if _tar_files(self.data_dir) else IMAGEFOLDER
         if name in (IMAGEFOLDER, WEBDATASET):
             if self.data_dir is None:
@@ -326,8 +329,8 @@ def load_image_dataset(args: DataArguments):
     `with_transforms`), and the class names, or ``None`` when the labels carry none and
     ``num_labels`` is unset.
 
-    The streamed training set is shuffled with ``shuffle_buffer_size`` and ``seed``; the Trainer
-    calls its ``set_epoch`` so each epoch has another order, and shards it across ranks itself
+    The streamed training set is shuffled with ``shuffle_buffer_size`` and ``dataset_seed``; the
+    Trainer calls its ``set_epoch`` so each epoch has another order, and shards it across ranks itself
     (no ``split_dataset_by_node`` here). Map-style training data is left unshuffled (the Trainer's
     sampler shuffles) except to pick ``max_train_samples``.
     """
@@ -335,7 +338,7 @@ def load_image_dataset(args: DataArguments):
 
     source = args.source
     if source == DIGITS:
-        dd = load_digits_dataset(seed=args.seed)
+        dd = load_digits_dataset(seed=args.dataset_seed)
         train, evaluation = dd["train"], dd["validation"]
         if args.streaming:
             train = train.to_iterable_dataset(num_shards=4)
@@ -369,12 +372,12 @@ def load_image_dataset(args: DataArguments):
             train = train.take(args.max_train_samples)
         if args.max_eval_samples is not None:
             evaluation = evaluation.take(args.max_eval_samples)
-        train = train.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+        train = train.shuffle(seed=args.dataset_seed, buffer_size=args.shuffle_buffer_size)
     else:
         if args.max_train_samples is not None:
-            train = _subset(train, args.max_train_samples, args.seed)
+            train = _subset(train, args.max_train_samples, args.dataset_seed)
         if args.max_eval_samples is not None:
-            evaluation = _subset(evaluation, args.max_eval_samples, args.seed)
+            evaluation = _subset(evaluation, args.max_eval_samples, args.dataset_seed)
     return train, evaluation, label_names
 
 
@@ -433,7 +436,7 @@ def _carve_eval(train, args: DataArguments):
     import datasets
 
     if isinstance(train, datasets.IterableDataset):
-        salt = str(args.seed).encode()
+        salt = str(args.dataset_seed).encode()
         threshold = int(args.eval_fraction * 2**32)
         image_column = args.image_column or resolve_columns(train)[0]
 
@@ -446,7 +449,7 @@ def _carve_eval(train, args: DataArguments):
         label_column if isinstance(train.features[label_column], datasets.ClassLabel) else None
     )
     parts = train.train_test_split(
-        test_size=args.eval_fraction, seed=args.seed, stratify_by_column=stratify
+        test_size=args.eval_fraction, seed=args.dataset_seed, stratify_by_column=stratify
     )
     return parts["train"], parts["test"]
 
@@ -603,7 +606,7 @@ def transforms_from_args(args: DataArguments, source: Any = None) -> tuple[Calla
     mean, std, size = normalization_from(source)
     digits = args.source == DIGITS
     size = args.image_size or size or (32 if digits else DEFAULT_IMAGE_SIZE)
-    min_scale = args.min_crop_scale or (0.6 if digits else 0.08)
+    min_scale = args.min_crop_scale or (0.8 if digits else 0.08)
     hflip = (not digits) if args.hflip is None else args.hflip
     train_tf = build_transforms(
         size,

@@ -10,7 +10,8 @@ keyed twice:
   module renames of transformers 5.x, e.g. ``vit.layers.0.mlp.fc1`` is written as
   ``vit.encoder.layer.0.intermediate.dense``), so `verify_checkpoint` checks the raw safetensors;
 * ``layers_current``: by the module names of the model that was saved, so `verify_nm` checks a
-  model loaded back with plain ``from_pretrained``.
+  model loaded back with plain ``from_pretrained``; ``current_names`` pairs the two
+  (on-disk name -> current name).
 
     sparsifier.finalize()
     save_sparse_pretrained(model, sparsifier, "out/vit-2of4", eval_results={"top1": 0.71})
@@ -36,7 +37,7 @@ from torch import nn
 
 from .config import LOCATIONS, SPARSE_DIMS
 from .errors import NMSparsityError, NMVerificationError
-from .sparsifier import NMSparsifier, VerificationReport, _local, check_layer
+from .sparsifier import NMSparsifier, VerificationReport, _full, check_layer
 
 CONFIG_KEY = "nm_sparsity"
 FORMAT_PREFIX = "nmsparse_hf/"
@@ -127,7 +128,8 @@ def sparse_metadata(
     """The ``nm_sparsity`` block of a sparse checkpoint (JSON-safe).
 
     `NMSparsifier.metadata` with ``layers`` keyed by on-disk names (`on_disk_names`), the same
-    layers keyed by current module names in ``layers_current``, the exact counts behind
+    layers keyed by current module names in ``layers_current``, ``current_names`` (on-disk name
+    -> current name), the exact counts behind
     ``achieved_sparsity`` (``nonzeros``, ``numel``: over the whole weight of every targeted layer)
     and ``location_sparsity`` (per location: pattern, number of blocks, sparsity of those blocks).
     """
@@ -138,7 +140,7 @@ def sparse_metadata(
     nonzeros = numel = 0
     per_loc: dict[str, list[int]] = {}
     for name, blocks in current.items():
-        weight = _local(modules[name].weight).detach()
+        weight = _full(modules[name].weight.detach())
         nonzeros += int((weight != 0).sum())
         numel += weight.numel()
         for spec, part in _blocks(weight, blocks):
@@ -148,6 +150,7 @@ def sparse_metadata(
             acc[2] += part.numel()
     meta["layers"] = {disk[name]: blocks for name, blocks in current.items()}
     meta["layers_current"] = current
+    meta["current_names"] = {disk[name]: name for name in current}
     meta["nonzeros"] = nonzeros
     meta["numel"] = numel
     meta["location_sparsity"] = {
@@ -214,8 +217,14 @@ def _validate_metadata(meta: Any, source: str) -> dict[str, Any]:
                     raise _invalid(
                         source,
                         f"{key}[{name!r}] has block {spec!r}; a block is "
-                        f'{{"location": str, "rows": null or [start, stop], "n_keep": int, "m": int}}',
+                        '{"location": str, "rows": null or [start, stop], '
+                        '"n_keep": int, "m": int}',
                     )
+    pairs = meta.get("current_names")
+    if pairs is not None and not (
+        isinstance(pairs, dict) and all(isinstance(v, str) for v in pairs.values())
+    ):
+        raise _invalid(source, f"current_names = {pairs!r} must map on-disk to current names")
     if not isinstance(meta.get("locations"), dict):
         raise _invalid(source, f"locations = {meta.get('locations')!r} is not an object")
     return meta
@@ -298,9 +307,10 @@ def verify_checkpoint(path: str | os.PathLike) -> VerificationReport:
     For every layer in the metadata's ``layers`` (on-disk names): its ``<name>.weight`` exists, and
     each block is N:M at its recorded pattern along ``sparse_dim`` (`check_layer`). Also
     problems: a block whose pattern differs from its location's pattern in ``locations``; a
-    ``layers_current`` that does not describe the same blocks; a weight whose shape does not fit
-    its M or its rows; and achieved sparsity (``nonzeros``/``numel``/``achieved_sparsity``) that
-    differs from the weights. Metadata disagreeing with the weights is a failure, never trusted.
+    ``layers_current`` that does not describe the same blocks (paired by ``current_names``); a
+    weight whose shape does not fit its M or its rows; and achieved sparsity (``nonzeros``,
+    ``numel``, ``achieved_sparsity``) that differs from the weights. Metadata disagreeing with
+    the weights is a failure, never trusted.
 
     Returns:
         The `VerificationReport` (``report.ok``; ``str(report)`` is a per-layer table).
@@ -318,12 +328,7 @@ def verify_checkpoint(path: str | os.PathLike) -> VerificationReport:
     report = VerificationReport()
     locations = meta["locations"]
     layers = meta["layers"]
-    current = meta.get("layers_current")
-    if current is not None and list(current.values()) != list(layers.values()):
-        report.problems.append(
-            f"metadata: 'layers' ({len(layers)} layers) and 'layers_current' ({len(current)}) "
-            f"do not describe the same blocks"
-        )
+    _check_name_maps(meta, report)
     nonzeros = numel = 0
     for name, blocks in layers.items():
         weight = files.get(f"{name}.weight")
@@ -357,6 +362,31 @@ def verify_checkpoint(path: str | os.PathLike) -> VerificationReport:
                 report.problems.append(f"{label}: metadata does not match the weights: {exc}")
     _check_achieved(meta, nonzeros, numel, report)
     return report
+
+
+def _check_name_maps(meta: Mapping[str, Any], report: VerificationReport) -> None:
+    """``layers`` and ``layers_current`` must describe the same blocks, paired by
+    ``current_names`` (config.json is written with sorted keys, so order pairs nothing)."""
+    layers, current = meta["layers"], meta.get("layers_current")
+    if current is None:
+        return
+    pairs = meta.get("current_names")
+    if isinstance(pairs, dict):
+        same = set(pairs) == set(layers) and all(
+            current.get(pairs[disk]) == blocks for disk, blocks in layers.items()
+        )
+        same = same and len(current) == len(layers)
+    else:
+
+        def key(blocks):
+            return json.dumps(blocks, sort_keys=True)
+
+        same = sorted(map(key, layers.values())) == sorted(map(key, current.values()))
+    if not same:
+        report.problems.append(
+            f"metadata: 'layers' ({len(layers)} layers, on-disk names) and 'layers_current' "
+            f"({len(current)}, current names) do not describe the same blocks"
+        )
 
 
 def _check_achieved(meta: Mapping[str, Any], nonzeros: int, numel: int, report) -> None:
@@ -493,14 +523,8 @@ def save_sparse_pretrained(
     report = verify_checkpoint(folder)
     _check_written(folder, model, meta)
     report.raise_if_failed()
-    card = render_model_card(
-        meta,
-        report,
-        eval_results=eval_results,
-        model_name=model_name or folder.resolve().name,
-        model_type=getattr(model.config, "model_type", None),
-    )
-    (folder / "README.md").write_text(card, encoding="utf-8")
+    write_model_card(folder, meta, report, eval_results, model_name,
+                     getattr(model.config, "model_type", None))
     after = _snapshot(folder)
     written = sorted(
         name for name, stat in after.items() if before.get(name) != stat or name == "README.md"
@@ -515,9 +539,9 @@ def _check_written(folder: Path, model: nn.Module, meta: Mapping[str, Any]) -> N
     """Every targeted weight on disk (by its on-disk name) equals the model's weight exactly."""
     files = _SafetensorsFiles(folder)
     modules = dict(model.named_modules())
-    for disk, current in zip(meta["layers"], meta["layers_current"], strict=True):
+    for disk, current in meta["current_names"].items():
         stored = files.get(f"{disk}.weight")
-        weight = _local(modules[current].weight).detach().cpu()
+        weight = _full(modules[current].weight.detach()).cpu()
         if stored is None or not torch.equal(stored, weight):
             raise NMVerificationError(
                 f"{folder}: the saved '{disk}.weight' is not the model's {current}.weight. The "
@@ -527,6 +551,31 @@ def _check_written(folder: Path, model: nn.Module, meta: Mapping[str, Any]) -> N
 
 
 # ---------------------------------------------------------------------------------- model card
+def write_model_card(
+    folder: str | os.PathLike,
+    meta: Mapping[str, Any],
+    report: VerificationReport | None = None,
+    eval_results: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+    model_type: str | None = None,
+) -> Path:
+    """Write ``README.md`` (`render_model_card`) into a saved checkpoint; verifies it first when no
+    ``report`` is given. Returns the card's path."""
+    folder = Path(folder)
+    if report is None:
+        report = verify_checkpoint(folder).raise_if_failed()
+    card = render_model_card(
+        meta,
+        report,
+        eval_results=eval_results,
+        model_name=model_name or folder.resolve().name,
+        model_type=model_type,
+    )
+    path = folder / "README.md"
+    path.write_text(card, encoding="utf-8")
+    return path
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         value = f"{value:g}"

@@ -116,7 +116,8 @@ def _nth_largest(groups: torch.Tensor, n: int) -> tuple[torch.Tensor, bool | Non
         a, b, c, d = groups.unbind(dim=1)
         high = torch.minimum(torch.maximum(a, b), torch.maximum(c, d))
         low = torch.maximum(torch.minimum(a, b), torch.minimum(c, d))
-        return torch.maximum(high, low).unsqueeze(1), bool((high == low).any())
+        # ``not >`` also flags NaN, which then takes the exact path like a tie
+        return torch.maximum(high, low).unsqueeze(1), not bool((high > low).all())
     kth = groups.topk(n, dim=1, largest=True, sorted=False).values.amin(dim=1, keepdim=True)
     return kth, None
 
@@ -127,9 +128,8 @@ def _topn_stable(groups: torch.Tensor, n: int) -> torch.Tensor:
 
     With ``t`` the n-th largest value of a group, ``groups >= t`` keeps exactly n entries unless
     the n-th and (n+1)-th largest are equal (for n = m - 1: ``groups > min``, unless the minimum
-    is repeated). One global count (or the (n+1)-th largest, where it is
-    cheap) tells whether that happened anywhere; only such groups go through the exact
-    tie-breaking of `_topn_stable_rows`.
+    is repeated). One global count (or the (n+1)-th largest, where it is cheap) tells whether that
+    happened anywhere; only such groups go through the exact tie-breaking of `_topn_stable_rows`.
     """
     if n == groups.shape[1] - 1:
         # prune the single smallest: exact unless a group's minimum is repeated

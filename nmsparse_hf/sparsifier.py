@@ -40,6 +40,12 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else tensor
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathers a DTensor (a collective: call it on every rank), else itself."""
+    gather = getattr(tensor, "full_tensor", None)
+    return gather() if callable(gather) else tensor
+
+
 def _block_view(weight: torch.Tensor, block: SparseBlock) -> torch.Tensor:
     return weight if block.rows is None else weight[block.rows[0] : block.rows[1]]
 
@@ -483,7 +489,7 @@ class NMSparsifier:
         used = sorted({b.location for t in self.targets for b in t.blocks})
         kept = total = 0
         for target in self.targets:
-            w = _local(target.module.weight).detach()
+            w = _full(target.module.weight.detach())
             kept += int((w != 0).sum())
             total += w.numel()
         return {
@@ -527,7 +533,12 @@ def verify_nm(
             }
             sparse_dim = sparse_dim or next(iter(attached.values())).dim
         elif isinstance(meta, dict):
-            layers = meta.get("layers_current") or meta.get("layers")
+            # a checkpoint names its layers twice: as saved on disk and as the saving model's
+            # modules; use the set whose names this model has (they differ across versions)
+            candidates = [meta.get("layers_current"), meta.get("layers")]
+            candidates = [c for c in candidates if isinstance(c, dict) and c]
+            layers = next((c for c in candidates if set(c) <= set(modules)), None)
+            layers = layers or (candidates[0] if candidates else None)
             sparse_dim = sparse_dim or meta.get("sparse_dim", "row")
     if not layers:
         raise NMVerificationError(

@@ -253,24 +253,45 @@ class NMSparseTrainer(Trainer):
     # ------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save like `Trainer.save_model`; once the masks are baked in (after `train`), also record
-        the ``nm_sparsity`` metadata in ``config.json`` and write the model card."""
+        the ``nm_sparsity`` metadata in ``config.json``, write the model card and verify the files.
+
+        Under FSDP the sparse export gathers the full state dict (whatever the plugin's
+        ``state_dict_type``) so the result is a plain checkpoint; intermediate checkpoints keep
+        the Trainer's own format.
+        """
+        output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        finalized = self.sparsifier.finalized
-        if finalized:
-            from . import hub
-        if finalized and isinstance(model, PreTrainedModel):
-            self.sparsifier.verify()
-            model.config.nm_sparsity = hub.sparse_metadata(model, self.sparsifier)
-        elif hasattr(getattr(model, "config", None), "nm_sparsity"):
-            del model.config.nm_sparsity  # a dense intermediate checkpoint carries no claim
-        super().save_model(output_dir, _internal_call=_internal_call)
-        if finalized and self.args.should_save:
-            hub.write_model_card(
-                output_dir or self.args.output_dir,
-                model.config.nm_sparsity,
-                model_name=os.path.basename(os.path.abspath(output_dir or self.args.output_dir)),
-                eval_results=self._last_eval_results(),
+        if not self.sparsifier.finalized:
+            if hasattr(getattr(model, "config", None), "nm_sparsity"):
+                del model.config.nm_sparsity  # a dense intermediate checkpoint carries no claim
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        from . import hub
+
+        self.sparsifier.verify()
+        meta = hub.sparse_metadata(model, self.sparsifier)  # collective under FSDP: all ranks
+        model.config.nm_sparsity = meta
+        if self.is_fsdp_enabled:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
             )
+
+            state = get_model_state_dict(
+                self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            if self.args.should_save:
+                model.save_pretrained(output_dir, state_dict=state)
+        else:
+            super().save_model(output_dir, _internal_call=True)
+        if self.args.should_save:
+            hub.write_model_card(
+                output_dir,
+                meta,
+                eval_results=self._last_eval_results(),
+                model_type=getattr(model.config, "model_type", None),
+            )
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def create_model_card(self, *args, **kwargs):
         """The Trainer's push path calls this: write our sparse model card once finalized."""
@@ -280,8 +301,9 @@ class NMSparseTrainer(Trainer):
 
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         meta = getattr(model.config, "nm_sparsity", None) or hub.sparse_metadata(model, self.sparsifier)
-        hub.write_model_card(self.args.output_dir, meta, model_name=kwargs.get("model_name"),
-                             eval_results=self._last_eval_results())
+        hub.write_model_card(self.args.output_dir, meta, eval_results=self._last_eval_results(),
+                             model_name=kwargs.get("model_name"),
+                             model_type=getattr(model.config, "model_type", None))
 
     def _last_eval_results(self) -> dict | None:
         for entry in reversed(self.state.log_history or []):

@@ -42,12 +42,22 @@ def main() -> None:
     import torch.distributed as dist
     from transformers import Trainer, TrainingArguments
 
-    from nmsparse_hf.data import DataArguments, build_transforms, collate_fn, with_transforms
-    from nmsparse_hf.data import load_image_dataset, require_max_steps
+    from nmsparse_hf.data import (
+        DataArguments,
+        build_transforms,
+        collate_fn,
+        load_image_dataset,
+        require_max_steps,
+        with_transforms,
+    )
 
     data_args = DataArguments(
-        dataset_name="webdataset", data_dir=cli.data_dir, streaming=True, shuffle_buffer_size=8,
-        seed=0, image_size=8,
+        dataset_name="webdataset",
+        data_dir=cli.data_dir,
+        streaming=True,
+        shuffle_buffer_size=8,
+        dataset_seed=0,
+        image_size=8,
     )
     train, _, _ = load_image_dataset(data_args)
     train = with_transforms(train, build_transforms(8, train=False), "jpg", "cls")
@@ -64,10 +74,18 @@ def main() -> None:
         torch.manual_seed(0)
         model = RecordingModel(3 * 8 * 8, 3)
         args = TrainingArguments(
-            output_dir=os.path.join(cli.out, f"trainer-{mode}"), max_steps=max_steps,
-            per_device_train_batch_size=cli.batch_size, learning_rate=1e-3, use_cpu=True,
-            report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
-            remove_unused_columns=False, dataloader_num_workers=0, seed=0,
+            output_dir=os.path.join(cli.out, f"trainer-{mode}"),
+            max_steps=max_steps,
+            per_device_train_batch_size=cli.batch_size,
+            learning_rate=1e-3,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            seed=0,
             accelerator_config={"dispatch_batches": dispatch},
         )
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate)

@@ -12,8 +12,13 @@ from conftest import tiny_swin, tiny_swinv2, tiny_timm_vit, tiny_vit
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nmsparse_hf import NMSparsifier, NMSparsityConfig, NMSparsityError, NMVerificationError
-from nmsparse_hf import verify_nm
+from nmsparse_hf import (
+    NMSparsifier,
+    NMSparsityConfig,
+    NMSparsityError,
+    NMVerificationError,
+    verify_nm,
+)
 from nmsparse_hf.hub import (
     MANIFEST,
     load_sparse_metadata,
@@ -129,13 +134,15 @@ def test_on_disk_names_are_the_keys_save_pretrained_writes(saved, family):
     with safe_open(str(path / "model.safetensors"), "pt") as fh:
         keys = set(fh.keys())
     mapping = on_disk_names(model, sparsifier.layers)
-    assert len(mapping) == len(sparsifier.layers) == 10
+    # 2 blocks x (Q, K, V, fc1, fc2); timm's fused qkv is one layer of three row blocks
+    assert len(mapping) == len(sparsifier.layers) == (6 if family == "timm" else 10)
     assert all(f"{disk}.weight" in keys for disk in mapping.values())
     for current, disk in KNOWN_NAMES[family]:
         assert mapping[current] == disk
     meta = load_sparse_metadata(path)
-    assert list(meta["layers"]) == list(mapping.values())
-    assert list(meta["layers_current"]) == list(mapping)
+    assert meta["current_names"] == {disk: current for current, disk in mapping.items()}
+    assert set(meta["layers_current"]) == set(mapping)
+    assert all(meta["layers"][d] == meta["layers_current"][c] for c, d in mapping.items())
 
 
 def test_on_disk_names_of_a_reloaded_model_and_without_original_format(saved):
@@ -258,7 +265,12 @@ def _first(meta):
         # wrong M everywhere, consistently: the weights are not 2:8
         (
             lambda m: (
-                [b.update(m=8) for bs in m["layers"].values() for b in bs]
+                [
+                    b.update(m=8)
+                    for key in ("layers", "layers_current")
+                    for bs in m[key].values()
+                    for b in bs
+                ]
                 + [m["locations"].update({k: [2, 8] for k in m["locations"]})]
             ),
             None,
@@ -277,6 +289,10 @@ def _first(meta):
         (lambda m: m.update(nonzeros=m["nonzeros"] - 1), "metadata nonzeros"),
         # the two name maps disagree
         (lambda m: m["layers_current"].popitem(), "do not describe the same blocks"),
+        (
+            lambda m: m["layers_current"]["vit.layers.0.mlp.fc1"][0].update(location="Q"),
+            "do not describe the same blocks",
+        ),
     ],
 )
 def test_tampered_metadata_is_caught(saved, tmp_path, edit, expected):
@@ -374,7 +390,9 @@ def test_sparse_metadata_keys_both_names(saved):
     model, sparsifier, _ = saved["swin"]
     meta = sparse_metadata(model, sparsifier)
     assert json.loads(json.dumps(meta)) == meta
-    assert list(meta["layers"].values()) == list(meta["layers_current"].values())
+    assert [meta["layers_current"][c] for c in meta["current_names"].values()] == list(
+        meta["layers"].values()
+    )
     assert "swin.encoder.layers.0.blocks.0.attention.q_proj" in meta["layers_current"]
     assert "swin.encoder.layers.0.blocks.0.attention.self.query" in meta["layers"]
 

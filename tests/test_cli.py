@@ -1,0 +1,227 @@
+"""The ``nmsparse`` console script: verify, schedule (table and plot), report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_hub import corrupt_one_pruned_weight, train_and_save
+
+from nmsparse_hf.cli import main
+
+SEED_YAML = """\
+# seed-style keys and enum spellings, under a sparsity: section
+sparsity:
+  n_sparsity: 1
+  m_sparsity: 8
+  n_sparsity_qkv: 2
+  m_sparsity_qkv: 4
+  sparsity_loc: FF,QKV
+  sparsity_type: STRUCTURED_NM
+  decay_type: EXP
+  decay_coef: 0.05
+  structure_decay_flag: true
+  structure_decay_type: SPARSIFY
+  dense_steps: 0.1
+  fine_tune_steps: 0.2
+"""
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "vit"
+    train_and_save(path, "vit")
+    return path
+
+
+@pytest.fixture
+def seed_yaml(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(SEED_YAML)
+    return path
+
+
+def table_rows(text: str) -> dict[int, list[str]]:
+    """Rows of the schedule table keyed by step: [phase, alpha, FF, Q, K, V, boundary...]."""
+    rows = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0].isdigit():
+            rows[int(parts[0])] = parts[1:]
+    return rows
+
+
+def verify_rows(text: str) -> dict[str, list[str]]:
+    """Rows of the verify table keyed by layer: [loc, N:M, shape, sparsity, bad groups, status]."""
+    return {p[0]: p[1:] for p in map(str.split, text.splitlines()) if len(p) == 7}
+
+
+# ---------------------------------------------------------------------------------- verify
+def test_verify_ok(ckpt, capsys):
+    assert main(["verify", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    rows = verify_rows(out)
+    assert len(rows) == 10  # one per block (the header splits into 8 words)
+    assert rows["vit.encoder.layer.0.intermediate.dense"] == [
+        "FF",
+        "2:4",
+        "128x64",
+        "0.5000",
+        "0",
+        "ok",
+    ]
+    assert "10/10 layers N:M-compliant" in out
+    assert out.strip().splitlines()[-1].startswith("OK: 10 layer blocks")
+
+
+def test_verify_json(ckpt, capsys):
+    assert main(["verify", str(ckpt), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] is True and data["problems"] == []
+    assert len(data["layers"]) == 10
+    fc1 = next(x for x in data["layers"] if x["name"] == "vit.encoder.layer.0.intermediate.dense")
+    assert fc1 == {
+        "name": "vit.encoder.layer.0.intermediate.dense",
+        "location": "FF",
+        "pattern": [2, 4],
+        "shape": [128, 64],
+        "sparsity": 0.5,
+        "violations": 0,
+        "max_nonzeros": 2,
+        "ok": True,
+    }
+
+
+def test_verify_corrupted_checkpoint_exits_1_naming_the_layer(ckpt, tmp_path, capsys):
+    path = tmp_path / "bad"
+    shutil.copytree(ckpt, path)
+    corrupt_one_pruned_weight(path, "vit.encoder.layer.1.intermediate.dense")
+    assert main(["verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    rows = verify_rows(out)
+    assert rows["vit.encoder.layer.1.intermediate.dense"] == [
+        "FF",
+        "2:4",
+        "128x64",
+        "0.4999",
+        "1",
+        "FAIL",
+    ]
+    assert [name for name, row in rows.items() if row[-1] == "FAIL"] == [
+        "vit.encoder.layer.1.intermediate.dense"
+    ]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(
+        "FAIL: 1 layer block(s) not N:M (vit.encoder.layer.1.intermediate.dense)"
+    )
+    assert main(["verify", str(path), "--json"]) == 1
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["ok"] is False
+    assert [x["name"] for x in data["layers"] if not x["ok"]] == [
+        "vit.encoder.layer.1.intermediate.dense"
+    ]
+    assert "FAIL" in captured.err
+
+
+def test_verify_metadata_mismatch_exits_1(ckpt, tmp_path, capsys):
+    path = tmp_path / "meta"
+    shutil.copytree(ckpt, path)
+    config = json.loads((path / "config.json").read_text())
+    config["nm_sparsity"]["achieved_sparsity"] = 0.9
+    (path / "config.json").write_text(json.dumps(config))
+    assert main(["verify", str(path)]) == 1
+    assert "metadata problem(s) (metadata achieved_sparsity = 0.9" in capsys.readouterr().out
+
+
+def test_verify_unreadable_input_exits_2(tmp_path, capsys):
+    assert main(["verify", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nmsparse verify: cannot read") and "no such file" in err
+    assert len(err.strip().splitlines()) == 1
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    assert main(["verify", str(tmp_path / "plain"), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert "no 'nm_sparsity' block" in json.loads(captured.out)["error"]
+
+
+def test_console_script_verify(ckpt, tmp_path):
+    script = Path(sys.executable).parent / "nmsparse"
+    if not script.exists():
+        pytest.fail(f"{script} missing: run pip install -e . to install the console script")
+    path = tmp_path / "bad"
+    shutil.copytree(ckpt, path)
+    corrupt_one_pruned_weight(path, "vit.encoder.layer.0.attention.attention.key")
+    result = subprocess.run(
+        [str(script), "verify", str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1, result.stderr
+    assert "FAIL: 1 layer block(s) not N:M (vit.encoder.layer.0.attention.attention.key)" in (
+        result.stdout
+    )
+
+
+# ---------------------------------------------------------------------------------- schedule
+def test_schedule_table_of_a_seed_recipe(seed_yaml, capsys):
+    assert main(["schedule", str(seed_yaml), "--total-steps", "200", "--every", "50"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(
+        "SDGF-stepwise+MDGF-exp: FF 1:8, Q 2:4, K 2:4, V 2:4, dim=row, total_steps=200, "
+        "sparse phase [20, 160), fine-tune from 160"
+    )
+    rows = table_rows(out)
+    # every 50 steps, the last step, and each boundary: sparse at round(0.1*200) = 20, fine-tune
+    # at 200 - round(0.2*200) = 160, FF stages at 20 + ceil(i*140/4), QKV's stage at 20 + 70
+    assert sorted(rows) == [0, 20, 50, 55, 90, 100, 125, 150, 160, 199]
+    assert rows[0] == ["dense", "1", "dense", "dense", "dense", "dense", "dense", "starts"]
+    assert rows[20] == ["sparse", "1", "7:8", "3:4", "3:4", "3:4", "sparse", "starts"]
+    assert rows[55][2:] == ["4:8", "3:4", "3:4", "3:4", "FF:stage1"]
+    assert rows[90][2:6] == ["2:8", "2:4", "2:4", "2:4"] and "FF:stage2," in rows[90]
+    assert rows[125][2:] == ["1:8", "2:4", "2:4", "2:4", "FF:stage3"]
+    assert rows[50][1] == "0.2231"  # exp(-0.05 * 30)
+    assert rows[160] == ["finetune", "0", "1:8", "2:4", "2:4", "2:4", "finetune", "starts"]
+    assert rows[199][:2] == ["finetune", "0"]
+
+
+def test_schedule_plot_writes_a_png(seed_yaml, tmp_path, capsys):
+    png = tmp_path / "plots" / "schedule.png"
+    assert main(["schedule", str(seed_yaml), "--total-steps", "300", "--plot", str(png)]) == 0
+    assert f"plot written to {png}" in capsys.readouterr().out
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_schedule_full_training_yaml_needs_ignore_unknown(tmp_path, capsys):
+    path = tmp_path / "train.yaml"
+    path.write_text("lr: 0.001\nepochs: 300\nn_sparsity: 2\nm_sparsity: 4\nsparsity_loc: FF\n")
+    assert main(["schedule", str(path), "--total-steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "'lr'" in err and "--ignore-unknown" in err
+    assert main(["schedule", str(path), "--total-steps", "10", "--ignore-unknown"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[0] == ["sparse", "0", "2:4", "sparse", "starts"]
+
+
+def test_schedule_bad_arguments_exit_2(seed_yaml, capsys):
+    assert main(["schedule", str(seed_yaml), "--total-steps", "3"]) == 2
+    assert "needs at least 4" in capsys.readouterr().err
+    assert main(["schedule", str(seed_yaml), "--total-steps", "200", "--every", "0"]) == 2
+    assert "--every = 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- report
+def test_report_lists_targets_of_a_model_family(tmp_path, capsys):
+    path = tmp_path / "ff.yaml"
+    path.write_text("n_keep: 2\nm: 4\nlocations: FF,Q\n")
+    assert main(["report", str(path), "--model-type", "vit"]) == 0
+    out = capsys.readouterr().out
+    # ViT-B/16 defaults: 12 layers x (fc1, fc2, q_proj)
+    assert "targeted (36 blocks):" in out
+    assert "vit.layers.11.mlp.fc2  FF  target 2:4" in out
+    assert "vit.layers.0.attention.q_proj  Q  target 2:4" in out
+    assert "classifier" in out.split("skipped")[1]
