@@ -34,17 +34,33 @@ def main(epochs: int = 12, batch_size: int = 64, lr: float = 3e-3, seed: int = 0
     torch.manual_seed(seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = ViTForImageClassification(
-        ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64,
-                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                  num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        ViTConfig(
+            image_size=8,
+            patch_size=2,
+            num_channels=1,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            num_labels=10,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
     )
     train, test = digits_tensors(seed)
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     total_steps = epochs * len(loader)
-    config = NMSparsityConfig(n_keep=1, m=4, locations="FF", decay_type="exp",
-                              decay_coef=7.0 / (0.7 * total_steps), dense_fraction=0.1,
-                              finetune_fraction=0.2)
+    config = NMSparsityConfig(
+        n_keep=1,
+        m=4,
+        locations="FF",
+        decay_type="exp",
+        decay_coef=7.0 / (0.7 * total_steps),
+        dense_fraction=0.1,
+        finetune_fraction=0.2,
+    )
     # attach before accelerator.prepare wraps the model
     sparsifier = NMSparsifier(model, config, total_steps=total_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -68,8 +84,10 @@ def main(epochs: int = 12, batch_size: int = 64, lr: float = 3e-3, seed: int = 0
         pred = model(pixel_values=x.to(accelerator.device)).logits.argmax(-1).cpu()
     accuracy = float((pred == y).float().mean())
     accelerator.print(report)
-    accelerator.print(f"{config.recipe_name} {config.n_keep}:{config.m} FF: held-out accuracy "
-                      f"{accuracy:.3f} after {total_steps} steps (chance 0.100)")
+    accelerator.print(
+        f"{config.recipe_name} {config.n_keep}:{config.m} FF: held-out accuracy "
+        f"{accuracy:.3f} after {total_steps} steps (chance 0.100)"
+    )
     return {"accuracy": accuracy, "report": report}
 
 

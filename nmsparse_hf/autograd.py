@@ -1,4 +1,4 @@
-"""The one custom autograd Function of nmsparse_hf: the effective weight of a sparse layer.
+"""The custom autograd of nmsparse_hf: the effective weight of a sparse layer.
 
 SPEC §4, with m the keep-mask and g the gradient at the effective weight W̃:
 
@@ -8,11 +8,45 @@ SPEC §4, with m the keep-mask and g the gradient at the effective weight W̃:
 
 The backward is deliberately *not* the derivative of the forward: MDGF scales the pruned weights'
 contribution to the forward by α, but their own update keeps the full straight-through gradient g.
+
+Two Functions implement that one contract:
+
+- `EffectiveWeight` returns W̃ itself; the caller runs the layer with it. Used for Conv2d (and as
+  the reference the tests compare against).
+- `SparseLinear` is W̃ and ``F.linear`` in one Function, used for every sparse Linear. It saves
+  the input, the parameter W and the bool mask, and rebuilds W̃ in backward. ``F.linear(x, W̃, b)``
+  would save W̃, a new full-size tensor per layer (a dense layer saves only its parameter, which
+  exists anyway): on ViT-S/16 that made the saved activations of sparse training 1.11-1.15x dense;
+  fused, 1.03x, the bool masks only (docs/BENCHMARKS.md §2). The price is one elementwise pass
+  per layer in backward.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def _masked(weight: torch.Tensor, mask: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """W ⊙ (m + α(1 − m)), plain tensor math (no autograd of its own)."""
+    if isinstance(alpha, torch.Tensor) or alpha != 0:
+        return torch.where(mask, weight, weight * alpha)
+    return weight * mask
+
+
+def _straight_through(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    srste_lambda: float,
+    freeze_pruned: bool,
+) -> torch.Tensor:
+    """The gradient written to W from g = ∂L/∂W̃: g (+ λ(1−m)⊙W), times m when frozen; never α."""
+    if srste_lambda:
+        grad = grad + srste_lambda * weight.masked_fill(mask, 0)
+    if freeze_pruned:
+        grad = grad.masked_fill(~mask, 0)
+    return grad
 
 
 class EffectiveWeight(torch.autograd.Function):
@@ -38,19 +72,15 @@ class EffectiveWeight(torch.autograd.Function):
             ctx.save_for_backward(mask, weight)
         elif ctx.freeze_pruned:
             ctx.save_for_backward(mask)
-        if isinstance(alpha, torch.Tensor) or alpha != 0:
-            return torch.where(mask, weight, weight * alpha)
-        return weight * mask
+        return _masked(weight, mask, alpha)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad = grad_output
-        if ctx.srste_lambda:
-            mask, weight = ctx.saved_tensors
-            grad = grad + ctx.srste_lambda * weight.masked_fill(mask, 0)
-        if ctx.freeze_pruned:
-            mask = ctx.saved_tensors[0]
-            grad = grad.masked_fill(~mask, 0)
+        if not ctx.srste_lambda and not ctx.freeze_pruned:
+            return grad_output, None, None, None, None
+        mask, *weight = ctx.saved_tensors
+        weight = weight[0] if weight else None
+        grad = _straight_through(grad_output, weight, mask, ctx.srste_lambda, ctx.freeze_pruned)
         return grad, None, None, None, None
 
 
@@ -63,3 +93,87 @@ def effective_weight(
 ) -> torch.Tensor:
     """Functional form of `EffectiveWeight` (see its docstring for the contract)."""
     return EffectiveWeight.apply(weight, mask, alpha, srste_lambda, freeze_pruned)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``F.linear`` would compute in under the active autocast, else None."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class SparseLinear(torch.autograd.Function):
+    """``SparseLinear.apply(x, weight, bias, mask, alpha, srste_lambda, freeze_pruned)`` -> y.
+
+    Same result and gradients as ``F.linear(x, effective_weight(weight, mask, alpha,
+    srste_lambda, freeze_pruned), bias)``, but only ``x``, the parameter ``weight``, the bool
+    ``mask`` (and a tensor ``alpha``) are saved for backward, not W̃.
+
+    Args:
+        x: input ``[..., in]``, any number of leading dims.
+        weight: the dense parameter W ``[out, in]``.
+        bias: ``[out]`` or None.
+        mask, alpha, srste_lambda, freeze_pruned: as in `EffectiveWeight`.
+
+    Returns:
+        y = x W̃ᵀ + b. Under autocast, x, W̃ (built from W in W's dtype, then cast) and b are cast to
+        the autocast dtype as ``F.linear`` would cast them. Backward returns ``grad_x = g W̃``,
+        ``grad_W = gᵀx`` (summed over the leading dims) + λ(1−m)⊙W, times m when
+        ``freeze_pruned`` — never α-scaled — and ``grad_b = Σ g``; each in its input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, alpha, srste_lambda: float, freeze_pruned: bool):
+        ctx.set_materialize_grads(False)
+        ctx.srste_lambda = float(srste_lambda)
+        ctx.freeze_pruned = bool(freeze_pruned)
+        ctx.x_dtype, ctx.weight_dtype = x.dtype, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.device_type = x.device.type
+        weight_eff = _masked(weight, mask, alpha)
+        ctx.compute_dtype = _autocast_dtype(ctx.device_type)
+        if ctx.compute_dtype is not None:
+            x = x.to(ctx.compute_dtype)
+            weight_eff = weight_eff.to(ctx.compute_dtype)
+            bias = None if bias is None else bias.to(ctx.compute_dtype)
+        if isinstance(alpha, torch.Tensor):
+            ctx.save_for_backward(x, weight, mask, alpha)
+        else:
+            ctx.alpha = alpha
+            ctx.save_for_backward(x, weight, mask)
+        return F.linear(x, weight_eff, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return (None,) * 7
+        x, weight, mask, *alpha = ctx.saved_tensors
+        alpha = alpha[0] if alpha else ctx.alpha
+        grad_x = grad_w = grad_b = None
+        # every dtype below is explicit; an autocast around backward must not change them
+        with torch.autocast(ctx.device_type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                weight_eff = _masked(weight, mask, alpha).to(grad.dtype)
+                grad_x = grad.matmul(weight_eff).to(ctx.x_dtype)
+            flat_grad = grad.reshape(-1, grad.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_w = flat_grad.t().matmul(x.reshape(-1, x.shape[-1])).to(ctx.weight_dtype)
+                grad_w = _straight_through(
+                    grad_w, weight, mask, ctx.srste_lambda, ctx.freeze_pruned
+                )
+            if ctx.needs_input_grad[2]:
+                grad_b = flat_grad.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    alpha: float | torch.Tensor = 0.0,
+    srste_lambda: float = 0.0,
+    freeze_pruned: bool = False,
+) -> torch.Tensor:
+    """Functional form of `SparseLinear` (see its docstring for the contract)."""
+    return SparseLinear.apply(x, weight, bias, mask, alpha, srste_lambda, freeze_pruned)

@@ -523,8 +523,9 @@ def save_sparse_pretrained(
     report = verify_checkpoint(folder)
     _check_written(folder, model, meta)
     report.raise_if_failed()
-    write_model_card(folder, meta, report, eval_results, model_name,
-                     getattr(model.config, "model_type", None))
+    write_model_card(
+        folder, meta, report, eval_results, model_name, getattr(model.config, "model_type", None)
+    )
     after = _snapshot(folder)
     written = sorted(
         name for name, stat in after.items() if before.get(name) != stat or name == "README.md"

@@ -9,6 +9,7 @@ checkpoint and a one-screen summary.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,25 +29,72 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 # Architectures to build from scratch: family -> preset name -> config kwargs.
 SCRATCH_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "vit": {
-        "vit-digits": dict(image_size=16, patch_size=4, hidden_size=64, num_hidden_layers=4,
-                           num_attention_heads=4, intermediate_size=256,
-                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-        "vit-s16": dict(image_size=224, patch_size=16, hidden_size=384, num_hidden_layers=12,
-                        num_attention_heads=6, intermediate_size=1536),
-        "vit-b16": dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
-                        num_attention_heads=12, intermediate_size=3072),
+        "vit-digits": dict(
+            image_size=16,
+            patch_size=4,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=256,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
+        "vit-s16": dict(
+            image_size=224,
+            patch_size=16,
+            hidden_size=384,
+            num_hidden_layers=12,
+            num_attention_heads=6,
+            intermediate_size=1536,
+        ),
+        "vit-b16": dict(
+            image_size=224,
+            patch_size=16,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+        ),
     },
     "swin": {
-        "swin-digits": dict(image_size=16, patch_size=2, embed_dim=32, depths=[2, 2],
-                            num_heads=[2, 4], window_size=4, drop_path_rate=0.0),
-        "swin-t": dict(image_size=224, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2],
-                       num_heads=[3, 6, 12, 24], window_size=7, drop_path_rate=0.2),
+        "swin-digits": dict(
+            image_size=16,
+            patch_size=2,
+            embed_dim=32,
+            depths=[2, 2],
+            num_heads=[2, 4],
+            window_size=4,
+            drop_path_rate=0.0,
+        ),
+        "swin-t": dict(
+            image_size=224,
+            patch_size=4,
+            embed_dim=96,
+            depths=[2, 2, 6, 2],
+            num_heads=[3, 6, 12, 24],
+            window_size=7,
+            drop_path_rate=0.2,
+        ),
     },
     "swinv2": {
-        "swinv2-digits": dict(image_size=16, patch_size=2, embed_dim=32, depths=[2, 2],
-                              num_heads=[2, 4], window_size=4, drop_path_rate=0.0),
-        "swinv2-b": dict(image_size=256, patch_size=4, embed_dim=128, depths=[2, 2, 18, 2],
-                         num_heads=[4, 8, 16, 32], window_size=8, drop_path_rate=0.5),
+        "swinv2-digits": dict(
+            image_size=16,
+            patch_size=2,
+            embed_dim=32,
+            depths=[2, 2],
+            num_heads=[2, 4],
+            window_size=4,
+            drop_path_rate=0.0,
+        ),
+        "swinv2-b": dict(
+            image_size=256,
+            patch_size=4,
+            embed_dim=128,
+            depths=[2, 2, 18, 2],
+            num_heads=[4, 8, 16, 32],
+            window_size=8,
+            drop_path_rate=0.5,
+        ),
     },
 }
 
@@ -57,24 +105,32 @@ class ModelArguments:
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Hub id or local path of a pretrained image classifier; None builds "
-                  "the model from --model_config to train from scratch."},
+        metadata={
+            "help": "Hub id or local path of a pretrained image classifier; None builds "
+            "the model from --model_config to train from scratch."
+        },
     )
     model_config: str = field(
         default="vit-digits",
-        metadata={"help": "Architecture to build from scratch: vit-digits, vit-s16, vit-b16, "
-                  "swin-digits, swin-t, swinv2-digits, swinv2-b, or timm:<architecture> "
-                  "(e.g. timm:vit_base_patch16_224, through TimmWrapper)."},
+        metadata={
+            "help": "Architecture to build from scratch: vit-digits, vit-s16, vit-b16, "
+            "swin-digits, swin-t, swinv2-digits, swinv2-b, or timm:<architecture> "
+            "(e.g. timm:vit_base_patch16_224, through TimmWrapper)."
+        },
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated key=value pairs applied to the model config, e.g. "
-                  "'drop_path_rate=0.1,num_hidden_layers=6' (timm: passed as model_args)."},
+        metadata={
+            "help": "Comma-separated key=value pairs applied to the model config, e.g. "
+            "'drop_path_rate=0.1,num_hidden_layers=6' (timm: passed as model_args)."
+        },
     )
     bce_loss: bool = field(
         default=False,
-        metadata={"help": "Train with binary cross-entropy on (soft) one-hot labels, as the "
-                  "paper does; implied by mixup."},
+        metadata={
+            "help": "Train with binary cross-entropy on (soft) one-hot labels, as the "
+            "paper does; implied by mixup."
+        },
     )
     metrics: str = field(
         default="accuracy,top5",
@@ -113,8 +169,9 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
     return out
 
 
-def build_model(model_args: ModelArguments, family: str, label_names: list[str] | None,
-                num_labels: int):
+def build_model(
+    model_args: ModelArguments, family: str, label_names: list[str] | None, num_labels: int
+):
     """The model to train and the object that knows its normalisation (processor or config)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
@@ -136,8 +193,9 @@ def build_model(model_args: ModelArguments, family: str, label_names: list[str] 
     if name.startswith("timm:"):
         from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
-        config = TimmWrapperConfig(architecture=name[5:], num_labels=num_labels,
-                                   model_args=overrides or None)
+        config = TimmWrapperConfig(
+            architecture=name[5:], num_labels=num_labels, model_args=overrides or None
+        )
         if id2label:
             config.id2label, config.label2id = id2label, label2id
         model = TimmWrapperForImageClassification(config)
@@ -149,8 +207,9 @@ def build_model(model_args: ModelArguments, family: str, label_names: list[str] 
             f"timm:<architecture>, or --model_name_or_path for a pretrained model."
         )
     model_type = next(fam for fam, p in SCRATCH_PRESETS.items() if name in p)
-    config = AutoConfig.for_model(model_type, **{**presets[name], **overrides},
-                                  num_labels=num_labels)
+    config = AutoConfig.for_model(
+        model_type, **{**presets[name], **overrides}, num_labels=num_labels
+    )
     if id2label:
         config.id2label, config.label2id = id2label, label2id
     return AutoModelForImageClassification.from_config(config), config
@@ -159,32 +218,136 @@ def build_model(model_args: ModelArguments, family: str, label_names: list[str] 
 # ------------------------------------------------------------------ seed (timm) YAML
 # timm train.py keys of the seed's YAML that map onto ours; the rest are listed as ignored.
 SEED_TIMM_KEYS = {
-    "aa", "amp", "amp_dtype", "amp_impl", "aot_autograd", "aug_repeats", "aug_splits",
-    "batch_size", "bce_loss", "bce_target_thresh", "bn_eps", "bn_momentum", "channels_last",
-    "checkpoint_freq_epoch", "checkpoint_hist", "class_map", "clip_grad", "clip_mode",
-    "color_jitter", "cooldown_epochs", "crop_pct", "cutmix", "cutmix_minmax", "data", "data_dir",
-    "dataset", "dataset_download", "decay_epochs", "decay_milestones", "decay_rate", "dist_bn",
-    "drop", "drop_block", "drop_connect", "drop_path", "epoch_repeats", "epochs", "eval_metric",
-    "experiment", "fast_norm", "force_cpu", "fuser", "gp", "grad_checkpointing", "hflip",
-    "img_size", "in_chans", "initial_checkpoint", "input_size", "interpolation", "jsd_loss",
-    "layer_decay", "local_rank", "log_interval", "log_wandb", "lr", "lr_base", "lr_base_scale",
-    "lr_base_size", "lr_cycle_decay", "lr_cycle_limit", "lr_cycle_mul", "lr_k_decay", "lr_noise",
-    "lr_noise_pct", "lr_noise_std", "mean", "min_lr", "mixup", "mixup_mode", "mixup_off_epoch",
-    "mixup_prob", "mixup_switch_prob", "model", "model_ema", "model_ema_decay",
-    "model_ema_force_cpu", "momentum", "no_aug", "no_ddp_bb", "no_prefetcher", "no_resume_opt",
-    "num_classes", "opt", "opt_betas", "opt_eps", "output", "patience_epochs", "pin_mem",
-    "pretrained", "ratio", "recount", "recovery_interval", "remode", "reprob", "resplit",
-    "resume", "save_images", "scale", "sched", "sched_on_updates", "seed", "smoothing",
-    "split_bn", "start_epoch", "std", "sync_bn", "tta", "torchcompile", "torchscript",
-    "train_interpolation", "train_split", "use_multi_epochs_loader", "val_split",
-    "validation_batch_size", "vflip", "warmup_epochs", "warmup_lr", "warmup_prefix",
-    "weight_decay", "worker_seeding", "workers",
+    "aa",
+    "amp",
+    "amp_dtype",
+    "amp_impl",
+    "aot_autograd",
+    "aug_repeats",
+    "aug_splits",
+    "batch_size",
+    "bce_loss",
+    "bce_target_thresh",
+    "bn_eps",
+    "bn_momentum",
+    "channels_last",
+    "checkpoint_freq_epoch",
+    "checkpoint_hist",
+    "class_map",
+    "clip_grad",
+    "clip_mode",
+    "color_jitter",
+    "cooldown_epochs",
+    "crop_pct",
+    "cutmix",
+    "cutmix_minmax",
+    "data",
+    "data_dir",
+    "dataset",
+    "dataset_download",
+    "decay_epochs",
+    "decay_milestones",
+    "decay_rate",
+    "dist_bn",
+    "drop",
+    "drop_block",
+    "drop_connect",
+    "drop_path",
+    "epoch_repeats",
+    "epochs",
+    "eval_metric",
+    "experiment",
+    "fast_norm",
+    "force_cpu",
+    "fuser",
+    "gp",
+    "grad_checkpointing",
+    "hflip",
+    "img_size",
+    "in_chans",
+    "initial_checkpoint",
+    "input_size",
+    "interpolation",
+    "jsd_loss",
+    "layer_decay",
+    "local_rank",
+    "log_interval",
+    "log_wandb",
+    "lr",
+    "lr_base",
+    "lr_base_scale",
+    "lr_base_size",
+    "lr_cycle_decay",
+    "lr_cycle_limit",
+    "lr_cycle_mul",
+    "lr_k_decay",
+    "lr_noise",
+    "lr_noise_pct",
+    "lr_noise_std",
+    "mean",
+    "min_lr",
+    "mixup",
+    "mixup_mode",
+    "mixup_off_epoch",
+    "mixup_prob",
+    "mixup_switch_prob",
+    "model",
+    "model_ema",
+    "model_ema_decay",
+    "model_ema_force_cpu",
+    "momentum",
+    "no_aug",
+    "no_ddp_bb",
+    "no_prefetcher",
+    "no_resume_opt",
+    "num_classes",
+    "opt",
+    "opt_betas",
+    "opt_eps",
+    "output",
+    "patience_epochs",
+    "pin_mem",
+    "pretrained",
+    "ratio",
+    "recount",
+    "recovery_interval",
+    "remode",
+    "reprob",
+    "resplit",
+    "resume",
+    "save_images",
+    "scale",
+    "sched",
+    "sched_on_updates",
+    "seed",
+    "smoothing",
+    "split_bn",
+    "start_epoch",
+    "std",
+    "sync_bn",
+    "tta",
+    "torchcompile",
+    "torchscript",
+    "train_interpolation",
+    "train_split",
+    "use_multi_epochs_loader",
+    "val_split",
+    "validation_batch_size",
+    "vflip",
+    "warmup_epochs",
+    "warmup_lr",
+    "warmup_prefix",
+    "weight_decay",
+    "worker_seeding",
+    "workers",
 }
 
 
-def is_seed_yaml(data: dict) -> bool:
-    """A seed-style file carries timm's training keys (``model``, ``lr_base``, ``epochs`` ...)."""
-    return len(SEED_TIMM_KEYS & set(data)) >= 3
+def is_seed_yaml(data: dict, our_keys: set[str]) -> bool:
+    """A seed-style file carries timm training keys (``model``, ``lr_base``, ``epochs`` ...) that
+    are not ours; a file mixing such keys with unknown ones is reported by the parser."""
+    foreign = set(data) - our_keys
+    return bool(foreign & SEED_TIMM_KEYS)
 
 
 def seed_yaml_to_args(data: dict, world_size: int = 1) -> tuple[dict, list[str]]:
@@ -250,7 +413,10 @@ def seed_yaml_to_args(data: dict, world_size: int = 1) -> tuple[dict, list[str]]
         out["mixup_prob"] = float(take("mixup_prob", 1.0))
     aa = take("aa")
     if aa:
-        out["randaugment"] = str(aa)
+        # timm's "rand-m15-n2-p1-mstd0": magnitude and op count carry over; torchvision's
+        # RandAugment has no per-op probability or magnitude noise
+        tokens = [t for t in str(aa).split("-") if t[:1] in ("m", "n") and t[1:].isdigit()]
+        out["randaugment"] = "-".join(tokens)
     if take("reprob"):
         out["random_erasing"] = float(rest["reprob"])
     if take("bce_loss"):
@@ -312,13 +478,21 @@ def parse_args(argv: list[str] | None, family: str):
         path = Path(argv[0])
         if not path.is_file():
             raise NMSparsityConfigError(f"config file {str(path)!r} does not exist.")
-        data = (json.loads(path.read_text()) if path.suffix == ".json"
-                else yaml.safe_load(path.read_text())) or {}
-        if is_seed_yaml(data):
+        data = (
+            json.loads(path.read_text())
+            if path.suffix == ".json"
+            else yaml.safe_load(path.read_text())
+        ) or {}
+        our_keys = {f.name for dc in parser.dataclass_types for f in dataclasses.fields(dc)}
+        if is_seed_yaml(data, our_keys):
             data, ignored = seed_yaml_to_args(data, int(os.environ.get("WORLD_SIZE", "1")))
             notes.append(f"{path.name}: seed (timm) keys translated")
             if ignored:
                 notes.append(f"timm keys with no equivalent here, ignored: {', '.join(ignored)}")
+        else:
+            # our file may still spell the sparsity keys the seed's way (n_sparsity, ...)
+            sparsity, rest = NMSparsityConfig.split_known_keys(data)
+            data = {**rest, **sparsity}
         # flags after the file override it
         merged = dict(data)
         if len(argv) > 1:
@@ -377,14 +551,21 @@ def run(argv: list[str] | None = None, family: str = "vit") -> dict[str, Any]:
     eval_collator = None
     if bce:
         model.config.problem_type = "multi_label_classification"
-        mix = MixupCollator(data_args.mixup_alpha or 1.0, num_labels,
-                            prob=data_args.mixup_prob if data_args.mixup_alpha > 0 else 0.0,
-                            seed=data_args.dataset_seed)
+        mix = MixupCollator(
+            data_args.mixup_alpha or 1.0,
+            num_labels,
+            prob=data_args.mixup_prob if data_args.mixup_alpha > 0 else 0.0,
+            seed=data_args.dataset_seed,
+        )
         collator, eval_collator = mix, mix.eval_collator()
     metric_names = [m.strip() for m in model_args.metrics.split(",") if m.strip()]
     trainer = NMSparseTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=collator, compute_metrics=make_compute_metrics(metric_names),
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        compute_metrics=make_compute_metrics(metric_names),
     )
     if eval_collator is not None:
         _use_eval_collator(trainer, eval_collator)
@@ -430,8 +611,11 @@ def _summary(trainer, metrics, final_dir, report, seconds, notes) -> dict[str, A
         "sparse_dim": cfg.sparse_dim,
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 1),
-        "eval": {k: round(float(v), 4) for k, v in metrics.items()
-                 if isinstance(v, int | float) and not math.isnan(v)},
+        "eval": {
+            k: round(float(v), 4)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not math.isnan(v)
+        },
         "sparsity_by_location": {k: round(sum(v) / len(v), 4) for k, v in by_loc.items()},
         "achieved_sparsity": round(meta.get("achieved_sparsity", 0.0), 4),
         "layers_verified": f"{sum(c.ok for c in report.layers)}/{len(report.layers)}",
@@ -444,8 +628,11 @@ def _summary(trainer, metrics, final_dir, report, seconds, notes) -> dict[str, A
 def format_summary(s: dict[str, Any]) -> str:
     """The one-screen summary printed at the end of a recipe."""
     line = "=" * 72
-    evals = "  ".join(f"{k.removeprefix('eval_')}={v}" for k, v in s["eval"].items()
-                      if not k.endswith(("runtime", "per_second")) and k != "epoch")
+    evals = "  ".join(
+        f"{k.removeprefix('eval_')}={v}"
+        for k, v in s["eval"].items()
+        if not k.endswith(("runtime", "per_second")) and k != "epoch"
+    )
     rows = [
         line,
         f"nmsparse_hf | {s['recipe']} | {', '.join(f'{k} {v}' for k, v in s['pattern'].items())}"

@@ -2,8 +2,8 @@
 
 Attaching changes no parameter and no state_dict key: each targeted Linear/Conv2d gets a plain
 Python attribute ``_nm_sparse`` (its per-step settings) and an instance-level ``forward`` that runs
-the layer with the effective weight of `autograd.EffectiveWeight`. The optimizer keeps updating the
-dense weights; ``finalize()`` bakes the target masks into them. The sparsifier knows nothing about
+the layer with the effective weight (`autograd.SparseLinear` for a Linear, `autograd.EffectiveWeight`
+for a Conv2d). The optimizer keeps updating the dense weights; ``finalize()`` bakes the target masks into them. The sparsifier knows nothing about
 the Trainer: call ``update(step)`` before each optimizer step's forward passes (0-based steps).
 
     sparsifier = NMSparsifier(model, config, total_steps=len(loader) * epochs)
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autograd import effective_weight
+from .autograd import effective_weight, sparse_linear
 from .config import NMSparsityConfig
 from .errors import NMSparsityError, NMTargetError, NMVerificationError
-from .masks import check_divisible, is_nm, nm_group_nonzeros, nm_mask
+from .masks import check_divisible, nm_group_nonzeros, nm_mask
 from .schedule import Pattern, SparsitySchedule, StepPlan
 from .targets import SkippedLayer, SparseBlock, TargetLayer, find_targets
 
@@ -86,17 +86,39 @@ class LayerSparsity:
                 full[rows[0] : rows[1]] = nm_mask(_block_view(weight, block), *pattern, self.dim)
         return full
 
+    @property
+    def masked(self) -> bool:
+        """True while the forward uses a mask (sparse or fine-tune phase, not yet finalized)."""
+        return self.active and not self.final
+
     def effective(self, weight: torch.Tensor) -> torch.Tensor:
         """W̃ for this step (SPEC §4), or ``weight`` itself outside the masked phases."""
-        if not self.active or self.final:
+        if not self.masked:
             return weight
         return effective_weight(
             weight, self.mask(weight), self.alpha, self.srste_lambda, self.freeze_pruned
         )
 
+    def linear(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``F.linear(input, self.effective(weight), bias)``, fused (`autograd.SparseLinear`) in
+        the masked phases so that backward keeps the bool mask instead of W̃."""
+        if not self.masked:
+            return F.linear(input, weight, bias)
+        return sparse_linear(
+            input,
+            weight,
+            bias,
+            self.mask(weight),
+            self.alpha,
+            self.srste_lambda,
+            self.freeze_pruned,
+        )
+
 
 def _linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    return F.linear(input, getattr(self, ATTR).effective(self.weight), self.bias)
+    return getattr(self, ATTR).linear(input, self.weight, self.bias)
 
 
 def _conv_forward(self: nn.Conv2d, input: torch.Tensor) -> torch.Tensor:
@@ -166,7 +188,9 @@ class VerificationReport:
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        text = "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
+        text = "\n".join(
+            "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows
+        )
         summary = f"{sum(c.ok for c in self.layers)}/{len(self.layers)} layers N:M-compliant"
         extra = "".join(f"\nproblem: {p}" for p in self.problems)
         return f"{text}\n{summary}{extra}"
@@ -208,7 +232,9 @@ class NMSparsifier:
         self.config = config
         self.total_steps = total_steps
         # validates total_steps and the phase fractions now; rebuilt with the used locations below
-        self.schedule = SparsitySchedule(config, _PROVISIONAL_STEPS if total_steps is None else total_steps)
+        self.schedule = SparsitySchedule(
+            config, _PROVISIONAL_STEPS if total_steps is None else total_steps
+        )
         self.targets: list[TargetLayer] = []
         self.skipped: list[SkippedLayer] = []
         self.layers: dict[str, LayerSparsity] = {}
@@ -220,7 +246,9 @@ class NMSparsifier:
         self.targets, self.skipped = find_targets(model, config)
         self.locations = tuple(dict.fromkeys(b.location for t in self.targets for b in t.blocks))
         self.schedule = SparsitySchedule(
-            config, _PROVISIONAL_STEPS if total_steps is None else total_steps, locations=self.locations
+            config,
+            _PROVISIONAL_STEPS if total_steps is None else total_steps,
+            locations=self.locations,
         )
         stage_maps = self._validate_shapes()
         for target in self.targets:
@@ -243,9 +271,7 @@ class NMSparsifier:
 
         Raises `NMSparsityConfigError` if the sparse phase becomes too short for the SDGF stages.
         """
-        self.schedule = SparsitySchedule(
-            self.config, total_steps, locations=self.locations or None
-        )
+        self.schedule = SparsitySchedule(self.config, total_steps, locations=self.locations or None)
         self.total_steps = total_steps
 
     @property
@@ -262,7 +288,9 @@ class NMSparsifier:
             shape = tuple(target.module.weight.shape)
             maps[target.name] = []
             for block in target.blocks:
-                bshape = shape if block.rows is None else (block.rows[1] - block.rows[0],) + shape[1:]
+                bshape = (
+                    shape if block.rows is None else (block.rows[1] - block.rows[0],) + shape[1:]
+                )
                 label = target.name + ("" if block.rows is None else f" [{block.location} rows]")
                 seq = self.schedule.stages[block.location]
                 fits = [self._fits(bshape, p[1]) for p in seq]
@@ -465,7 +493,9 @@ class NMSparsifier:
                 )
         lines.append(f"skipped ({len(self.skipped)}):")
         for skip in self.skipped:
-            lines.append(f"  {skip.name}  {skip.kind} {'x'.join(map(str, skip.shape))}  {skip.reason}")
+            lines.append(
+                f"  {skip.name}  {skip.kind} {'x'.join(map(str, skip.shape))}  {skip.reason}"
+            )
         return "\n".join(lines)
 
     def metadata(self) -> dict:

@@ -209,7 +209,9 @@ def find_targets(
         if not blocks:
             loc = "Q/K/V" if location == "QKV" else location
             skipped.append(
-                SkippedLayer(name, kind, shape, f"location {loc} not in locations {config.locations}")
+                SkippedLayer(
+                    name, kind, shape, f"location {loc} not in locations {config.locations}"
+                )
             )
             continue
         targets.append(TargetLayer(name, module, kind, blocks))

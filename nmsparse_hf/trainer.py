@@ -40,8 +40,12 @@ class SparseTrainingArguments(TrainingArguments):
     `sparsity_config()` returns the validated `NMSparsityConfig`."""
 
     # --- pattern
-    n_keep: int = field(default=2, metadata={"help": "N: weights KEPT in every group of M (FF, O, C)."})
-    m: int = field(default=4, metadata={"help": "M: the group length of the N:M pattern (FF, O, C)."})
+    n_keep: int = field(
+        default=2, metadata={"help": "N: weights KEPT in every group of M (FF, O, C)."}
+    )
+    m: int = field(
+        default=4, metadata={"help": "M: the group length of the N:M pattern (FF, O, C)."}
+    )
     n_keep_qkv: int | None = field(
         default=None, metadata={"help": "N for the Q, K, V projections (default: n_keep)."}
     )
@@ -50,7 +54,9 @@ class SparseTrainingArguments(TrainingArguments):
     )
     sparse_dim: str = field(
         default="row",
-        metadata={"help": "Group along a Linear weight's input ('row', the hardware layout) or output ('col')."},
+        metadata={
+            "help": "Group along a Linear weight's input ('row', the hardware layout) or output ('col')."
+        },
     )
     locations: str = field(
         default="FF",
@@ -93,7 +99,9 @@ class SparseTrainingArguments(TrainingArguments):
     )
     finetune_mask: str = field(
         default="recompute",
-        metadata={"help": "recompute (mask follows |W|) | frozen (fixed mask, pruned weights kept at 0)."},
+        metadata={
+            "help": "recompute (mask follows |W|) | frozen (fixed mask, pruned weights kept at 0)."
+        },
     )
     # --- targets
     target_modules: list[str] | None = field(
@@ -186,7 +194,11 @@ class NMSparsityCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.sparsifier.set_total_steps(state.max_steps)
         self.sparsifier.update(state.global_step)
-        if state.global_step > 0 and args.logging_steps and state.global_step % _log_every(args, state) == 0:
+        if (
+            state.global_step > 0
+            and args.logging_steps
+            and state.global_step % _log_every(args, state) == 0
+        ):
             # resumed at a logging step: the flip rate of the next log compares with these masks,
             # exactly as in an uninterrupted run
             self.sparsifier.stats()
@@ -230,8 +242,9 @@ class NMSparseTrainer(Trainer):
     and the run length is taken from ``state.max_steps`` when training starts.
     """
 
-    def __init__(self, model=None, args=None, *pos, sparsity_config: NMSparsityConfig | None = None,
-                 **kwargs):
+    def __init__(
+        self, model=None, args=None, *pos, sparsity_config: NMSparsityConfig | None = None, **kwargs
+    ):
         if sparsity_config is None:
             if not isinstance(args, SparseTrainingArguments):
                 raise NMSparsityConfigError(
@@ -300,10 +313,16 @@ class NMSparseTrainer(Trainer):
         from . import hub
 
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        meta = getattr(model.config, "nm_sparsity", None) or hub.sparse_metadata(model, self.sparsifier)
-        hub.write_model_card(self.args.output_dir, meta, eval_results=self._last_eval_results(),
-                             model_name=kwargs.get("model_name"),
-                             model_type=getattr(model.config, "model_type", None))
+        meta = getattr(model.config, "nm_sparsity", None) or hub.sparse_metadata(
+            model, self.sparsifier
+        )
+        hub.write_model_card(
+            self.args.output_dir,
+            meta,
+            eval_results=self._last_eval_results(),
+            model_name=kwargs.get("model_name"),
+            model_type=getattr(model.config, "model_type", None),
+        )
 
     def _last_eval_results(self) -> dict | None:
         for entry in reversed(self.state.log_history or []):

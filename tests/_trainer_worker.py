@@ -51,12 +51,28 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     model = FACTORIES[a.model]()
-    sparsity = dict(n_keep=1, m=4, locations="FF,QKV", decay_type="exp", decay_coef=0.2,
-                    dense_fraction=0.25, finetune_fraction=0.25)
+    sparsity = dict(
+        n_keep=1,
+        m=4,
+        locations="FF,QKV",
+        decay_type="exp",
+        decay_coef=0.2,
+        dense_fraction=0.25,
+        finetune_fraction=0.25,
+    )
     args = SparseTrainingArguments(
-        output_dir=a.out, max_steps=a.max_steps, per_device_train_batch_size=8,
-        learning_rate=1e-3, logging_steps=2, save_steps=a.save_steps, save_strategy="steps",
-        report_to=[], seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=a.out,
+        max_steps=a.max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=2,
+        save_steps=a.save_steps,
+        save_strategy="steps",
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
         **sparsity,
     )
 
@@ -72,15 +88,18 @@ def main(argv=None):
             trainer, NMSparsityConfig(**sparsity), finalize_at_end=False
         )
     else:
-        trainer = NMSparseTrainer(model=model, args=args, train_dataset=RandomImages(),
-                                  callbacks=callbacks)
+        trainer = NMSparseTrainer(
+            model=model, args=args, train_dataset=RandomImages(), callbacks=callbacks
+        )
         callback = trainer.nm_callback
         callback.finalize_at_end = False
     trainer.train(resume_from_checkpoint=a.resume)
     state = {f"dense.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     sp = callback.sparsifier
     sp.finalize()
-    state.update({f"final.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()})
+    state.update(
+        {f"final.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    )
     save_file(state, os.path.join(a.out, "final.safetensors"))
     with open(os.path.join(a.out, "log_history.json"), "w") as fh:
         json.dump(trainer.state.log_history, fh)

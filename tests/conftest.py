@@ -13,8 +13,15 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 
-def tiny_vit(hidden: int = 64, layers: int = 2, image: int = 32, patch: int = 8, labels: int = 10,
-             channels: int = 3, seed: int = 0):
+def tiny_vit(
+    hidden: int = 64,
+    layers: int = 2,
+    image: int = 32,
+    patch: int = 8,
+    labels: int = 10,
+    channels: int = 3,
+    seed: int = 0,
+):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
@@ -37,8 +44,15 @@ def tiny_swin(seed: int = 0):
 
     torch.manual_seed(seed)
     return SwinForImageClassification(
-        SwinConfig(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 2],
-                   window_size=4, num_labels=10)
+        SwinConfig(
+            image_size=32,
+            patch_size=4,
+            embed_dim=32,
+            depths=[1, 1],
+            num_heads=[2, 2],
+            window_size=4,
+            num_labels=10,
+        )
     )
 
 
@@ -47,8 +61,15 @@ def tiny_swinv2(seed: int = 0):
 
     torch.manual_seed(seed)
     return Swinv2ForImageClassification(
-        Swinv2Config(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 2],
-                     window_size=4, num_labels=10)
+        Swinv2Config(
+            image_size=32,
+            patch_size=4,
+            embed_dim=32,
+            depths=[1, 1],
+            num_heads=[2, 2],
+            window_size=4,
+            num_labels=10,
+        )
     )
 
 
@@ -60,8 +81,13 @@ def tiny_timm_vit(seed: int = 0):
         TimmWrapperConfig(
             architecture="vit_tiny_patch16_224",
             num_labels=10,
-            model_args={"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2,
-                        "num_heads": 2},
+            model_args={
+                "img_size": 32,
+                "patch_size": 8,
+                "embed_dim": 64,
+                "depth": 2,
+                "num_heads": 2,
+            },
         )
     )
 

@@ -16,8 +16,9 @@ from nmsparse_hf import NMSparsifier, NMSparsityConfig, nm_mask
 def test_bf16_autocast_trains_and_masks_ignore_compute_dtype(batch):
     x, y = batch
     model = tiny_vit()
-    sp = NMSparsifier(model, NMSparsityConfig(n_keep=1, m=4, decay_type="exp", decay_coef=0.1),
-                      total_steps=6)
+    sp = NMSparsifier(
+        model, NMSparsityConfig(n_keep=1, m=4, decay_type="exp", decay_coef=0.1), total_steps=6
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     fc1 = model.vit.layers[0].mlp.fc1
     seen = []
@@ -59,8 +60,9 @@ class ViTBFeedForward(nn.Module):
 def test_extreme_sparsity_1_of_128_on_vit_b_feed_forward():
     torch.manual_seed(0)
     model = ViTBFeedForward()
-    cfg = NMSparsityConfig(n_keep=1, m=128, target_modules=["fc1", "fc2"], decay_type="exp",
-                           decay_coef=0.5)
+    cfg = NMSparsityConfig(
+        n_keep=1, m=128, target_modules=["fc1", "fc2"], decay_type="exp", decay_coef=0.5
+    )
     sp = NMSparsifier(model, cfg, total_steps=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(8, 768)
@@ -84,9 +86,15 @@ def test_soak_2000_steps_no_nan_flat_memory_final_nm():
     torch.manual_seed(0)
     model = tiny_vit(hidden=32, layers=1)
     steps = 2000
-    cfg = NMSparsityConfig(n_keep=1, m=8, locations="FF,QKV", decay_type="exp",
-                           decay_coef=7.0 / (0.6 * steps), dense_fraction=0.1,
-                           finetune_fraction=0.2)
+    cfg = NMSparsityConfig(
+        n_keep=1,
+        m=8,
+        locations="FF,QKV",
+        decay_type="exp",
+        decay_coef=7.0 / (0.6 * steps),
+        dense_fraction=0.1,
+        finetune_fraction=0.2,
+    )
     sp = NMSparsifier(model, cfg, total_steps=steps)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)

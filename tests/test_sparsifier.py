@@ -20,7 +20,9 @@ RECIPES = {
     "MDGF-linear": dict(decay_type="linear", decay_coef=0.05),
     "MDGF-exp": dict(decay_type="exp", decay_coef=0.1),
     "SDGF-stepwise": dict(structure_decay=True, structure_decay_type="sparsify"),
-    "SDGF-geometric": dict(structure_decay=True, structure_decay_type="fine", structure_decay_start_k=2),
+    "SDGF-geometric": dict(
+        structure_decay=True, structure_decay_type="fine", structure_decay_start_k=2
+    ),
     "SDGF+MDGF": dict(structure_decay=True, decay_type="exp", decay_coef=0.1),
 }
 
@@ -203,8 +205,14 @@ def test_each_recipe_trains_finalizes_and_reloads_plainly(recipe, batch, tmp_pat
     from transformers import ViTForImageClassification
 
     model = tiny_vit()
-    cfg = NMSparsityConfig(n_keep=1, m=4, locations="FF,Q,K", dense_fraction=0.1,
-                           finetune_fraction=0.2, **RECIPES[recipe])
+    cfg = NMSparsityConfig(
+        n_keep=1,
+        m=4,
+        locations="FF,Q,K",
+        dense_fraction=0.1,
+        finetune_fraction=0.2,
+        **RECIPES[recipe],
+    )
     sp = _train(model, cfg, 12, batch)
     report = sp.finalize()
     assert report.ok and len(report.layers) == 8
@@ -246,8 +254,9 @@ def test_other_families_train_and_finalize(factory):
     model = factory()
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 10, (2,), generator=g))
-    sp = _train(model, NMSparsityConfig(locations="FF,QKV", decay_type="exp", decay_coef=0.2), 4,
-                batch)
+    sp = _train(
+        model, NMSparsityConfig(locations="FF,QKV", decay_type="exp", decay_coef=0.2), 4, batch
+    )
     report = sp.finalize()
     assert report.ok and len(report.layers) >= 4
 
@@ -317,7 +326,9 @@ def test_stats_report_sparsity_and_flip_rate(batch):
     first = sp.stats()
     assert first["sparsity/FF"] == 0.75 and "mask_flip_rate/FF" not in first
     with torch.no_grad():
-        model.vit.layers[0].mlp.fc1.weight.neg_().mul_(torch.rand_like(model.vit.layers[0].mlp.fc1.weight))
+        model.vit.layers[0].mlp.fc1.weight.neg_().mul_(
+            torch.rand_like(model.vit.layers[0].mlp.fc1.weight)
+        )
     second = sp.stats()
     assert 0 < second["mask_flip_rate/FF"] < 1
     assert sp.stats()["mask_flip_rate/FF"] == 0.0
@@ -330,6 +341,9 @@ def test_plain_linear_model_by_pattern_matches_functional():
     sp.update(1)
     x = torch.randn(3, 16)
     w0, w2 = model[0].weight, model[2].weight
-    expected = F.linear(F.gelu(F.linear(x, w0 * nm_mask(w0, 2, 4), model[0].bias)),
-                        w2 * nm_mask(w2, 2, 4), model[2].bias)
+    expected = F.linear(
+        F.gelu(F.linear(x, w0 * nm_mask(w0, 2, 4), model[0].bias)),
+        w2 * nm_mask(w2, 2, 4),
+        model[2].bias,
+    )
     torch.testing.assert_close(model(x), expected)

@@ -161,7 +161,9 @@ def test_timm_qkv_masks_each_block_with_its_pattern():
 def test_explicit_patterns_regex_and_suffix_list():
     model = tiny_vit()
     got, _ = _locs(model, target_modules=["fc1", "q_proj"])
-    assert set(got) == {f"vit.layers.{i}.{s}" for i in range(2) for s in ("mlp.fc1", "attention.q_proj")}
+    assert set(got) == {
+        f"vit.layers.{i}.{s}" for i in range(2) for s in ("mlp.fc1", "attention.q_proj")
+    }
     assert got["vit.layers.0.attention.q_proj"] == ["Q"]
     got, _ = _locs(model, target_modules=r"vit\.layers\.1\.mlp\.fc\d")
     assert set(got) == {"vit.layers.1.mlp.fc1", "vit.layers.1.mlp.fc2"}
@@ -233,9 +235,7 @@ def test_sdgf_stage_that_does_not_fit_errors_or_falls_back():
     with pytest.raises(NMTargetError, match="SDGF stage 8:64.*structure_decay_fallback"):
         NMSparsifier(tiny_vit(hidden=32), NMSparsityConfig(**cfg), total_steps=40)
     model = tiny_vit(hidden=32)
-    sp = NMSparsifier(
-        model, NMSparsityConfig(**cfg, structure_decay_fallback=True), total_steps=40
-    )
+    sp = NMSparsifier(model, NMSparsityConfig(**cfg, structure_decay_fallback=True), total_steps=40)
     fc1, fc2 = sp.layers["vit.layers.0.mlp.fc1"], sp.layers["vit.layers.0.mlp.fc2"]
     sp.update(0)  # stage 0 (8:64): fc1 (in 32) falls back to the next stage that fits, 4:32
     assert fc1.patterns == [(4, 32)] and fc2.patterns == [(8, 64)]

@@ -33,9 +33,19 @@ class RandomImages(torch.utils.data.Dataset):
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=8,
-                learning_rate=1e-3, logging_steps=2, save_strategy="no", report_to=[], seed=0,
-                use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     base.update(kw)
     return SparseTrainingArguments(**base)
 
@@ -44,20 +54,54 @@ def _args(tmp_path, **kw):
 def test_arguments_parse_from_cli_yaml_and_json(tmp_path):
     parser = HfArgumentParser(SparseTrainingArguments)
     (cli,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--n_keep", "1", "--m", "8", "--locations", "FF,QKV",
-         "--decay_type", "exp", "--decay_coef", "0.001", "--structure_decay", "true",
-         "--structure_decay_type", "fine", "--dense_fraction", "0.1",
-         "--target_modules", "fc1", "fc2"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--n_keep",
+            "1",
+            "--m",
+            "8",
+            "--locations",
+            "FF,QKV",
+            "--decay_type",
+            "exp",
+            "--decay_coef",
+            "0.001",
+            "--structure_decay",
+            "true",
+            "--structure_decay_type",
+            "fine",
+            "--dense_fraction",
+            "0.1",
+            "--target_modules",
+            "fc1",
+            "fc2",
+        ]
     )
-    expected = NMSparsityConfig(n_keep=1, m=8, locations="FF,QKV", decay_type="exp",
-                                decay_coef=0.001, structure_decay=True,
-                                structure_decay_type="fine", dense_fraction=0.1,
-                                target_modules=["fc1", "fc2"])
+    expected = NMSparsityConfig(
+        n_keep=1,
+        m=8,
+        locations="FF,QKV",
+        decay_type="exp",
+        decay_coef=0.001,
+        structure_decay=True,
+        structure_decay_type="fine",
+        dense_fraction=0.1,
+        target_modules=["fc1", "fc2"],
+    )
     assert cli.sparsity_config() == expected
-    values = {"output_dir": str(tmp_path), "n_keep": 1, "m": 8, "locations": "FF,QKV",
-              "decay_type": "exp", "decay_coef": 0.001, "structure_decay": True,
-              "structure_decay_type": "fine", "dense_fraction": 0.1,
-              "target_modules": ["fc1", "fc2"]}
+    values = {
+        "output_dir": str(tmp_path),
+        "n_keep": 1,
+        "m": 8,
+        "locations": "FF,QKV",
+        "decay_type": "exp",
+        "decay_coef": 0.001,
+        "structure_decay": True,
+        "structure_decay_type": "fine",
+        "dense_fraction": 0.1,
+        "target_modules": ["fc1", "fc2"],
+    }
     (tmp_path / "a.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in values.items()))
     (tmp_path / "a.json").write_text(json.dumps(values))
     (from_yaml,) = parser.parse_yaml_file(str(tmp_path / "a.yaml"))
@@ -86,22 +130,32 @@ def test_nm_trainer_needs_sparsity_settings(tmp_path):
 # ---------------------------------------------------------------------------- training + export
 def _train_and_save(model, tmp_path, **kw):
     args = _args(tmp_path, **kw)
-    trainer = NMSparseTrainer(model=model, args=args, train_dataset=RandomImages(),
-                              eval_dataset=RandomImages(16, seed=1))
+    trainer = NMSparseTrainer(
+        model=model, args=args, train_dataset=RandomImages(), eval_dataset=RandomImages(16, seed=1)
+    )
     trainer.train()
     out = tmp_path / "final"
     trainer.save_model(str(out))
     return trainer, out
 
 
-@pytest.mark.parametrize("factory", [tiny_vit, tiny_swin, tiny_swinv2, tiny_timm_vit],
-                         ids=["vit", "swin", "swinv2", "timm"])
+@pytest.mark.parametrize(
+    "factory",
+    [tiny_vit, tiny_swin, tiny_swinv2, tiny_timm_vit],
+    ids=["vit", "swin", "swinv2", "timm"],
+)
 def test_trainer_trains_finalizes_and_saves_a_sparse_checkpoint(factory, tmp_path):
     from nmsparse_hf.hub import verify_checkpoint
 
     model = factory()
-    trainer, out = _train_and_save(model, tmp_path, locations="FF,QKV", decay_type="exp",
-                                   decay_coef=0.3, finetune_fraction=0.25)
+    trainer, out = _train_and_save(
+        model,
+        tmp_path,
+        locations="FF,QKV",
+        decay_type="exp",
+        decay_coef=0.3,
+        finetune_fraction=0.25,
+    )
     assert trainer.sparsifier.finalized
     config = json.loads((out / "config.json").read_text())
     meta = config["nm_sparsity"]
@@ -115,14 +169,23 @@ def test_trainer_trains_finalizes_and_saves_a_sparse_checkpoint(factory, tmp_pat
     reloaded = AutoModelForImageClassification.from_pretrained(out).eval()
     model.eval()
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(reloaded(pixel_values=x).logits, model(pixel_values=x).logits,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        reloaded(pixel_values=x).logits, model(pixel_values=x).logits, rtol=0, atol=0
+    )
     assert verify_nm(reloaded).ok  # from the nm_sparsity metadata on the reloaded config
 
 
 def test_logs_carry_phase_alpha_pattern_sparsity_and_flip_rate(tmp_path):
-    trainer, _ = _train_and_save(tiny_vit(), tmp_path, n_keep=1, m=4, decay_type="linear",
-                                 decay_coef=0.2, dense_fraction=0.25, finetune_fraction=0.25)
+    trainer, _ = _train_and_save(
+        tiny_vit(),
+        tmp_path,
+        n_keep=1,
+        m=4,
+        decay_type="linear",
+        decay_coef=0.2,
+        dense_fraction=0.25,
+        finetune_fraction=0.25,
+    )
     logs = {e["step"]: e for e in trainer.state.log_history if "loss" in e}
     assert sorted(logs) == [2, 4, 6, 8]
     # logged after optimizer step s: the plan of 0-based step s (sparse starts at 2, fine-tune at 6)
@@ -138,16 +201,18 @@ def test_evaluate_after_training_matches_reloaded_checkpoint(tmp_path):
     trainer, out = _train_and_save(tiny_vit(), tmp_path, eval_strategy="steps", eval_steps=4)
     metrics = trainer.evaluate()
     reloaded = AutoModelForImageClassification.from_pretrained(out)
-    plain = Trainer(model=reloaded, args=_args(tmp_path / "plain"),
-                    eval_dataset=RandomImages(16, seed=1))
+    plain = Trainer(
+        model=reloaded, args=_args(tmp_path / "plain"), eval_dataset=RandomImages(16, seed=1)
+    )
     assert plain.evaluate()["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)
 
 
 def test_evaluation_during_training_uses_effective_weights(tmp_path):
     model = tiny_vit()
     args = _args(tmp_path, max_steps=4, n_keep=1, m=4)
-    trainer = NMSparseTrainer(model=model, args=args, train_dataset=RandomImages(),
-                              eval_dataset=RandomImages(16, seed=1))
+    trainer = NMSparseTrainer(
+        model=model, args=args, train_dataset=RandomImages(), eval_dataset=RandomImages(16, seed=1)
+    )
     trainer.nm_callback.finalize_at_end = False
     trainer.train()
     during = trainer.evaluate()["eval_loss"]  # masked forward, dense weights underneath
@@ -178,9 +243,16 @@ def test_stock_trainer_with_callback(tmp_path):
 
 def test_gradient_accumulation_follows_optimizer_steps(tmp_path):
     def run(batch, accum, sub):
-        args = _args(tmp_path / sub, per_device_train_batch_size=batch,
-                     gradient_accumulation_steps=accum, logging_steps=1, decay_type="exp",
-                     decay_coef=0.3, dense_fraction=0.25, finetune_fraction=0.25)
+        args = _args(
+            tmp_path / sub,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accum,
+            logging_steps=1,
+            decay_type="exp",
+            decay_coef=0.3,
+            dense_fraction=0.25,
+            finetune_fraction=0.25,
+        )
         trainer = NMSparseTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages(64))
         trainer.train()
         keys = ("step", "nm/phase", "nm/alpha", "nm/stage", "nm/FF/n_keep", "nm/FF/m")
@@ -208,8 +280,11 @@ def _final(path):
 
 def _nm_logs(path):
     history = json.loads((path / "log_history.json").read_text())
-    return [{k: v for k, v in e.items() if k.startswith("nm/") or k == "step"}
-            for e in history if "loss" in e]
+    return [
+        {k: v for k, v in e.items() if k.startswith("nm/") or k == "step"}
+        for e in history
+        if "loss" in e
+    ]
 
 
 @pytest.mark.slow

@@ -1,0 +1,171 @@
+"""Recipes: argument files (ours and the seed's), model building, and short real runs on digits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nmsparse_hf import NMSparsityConfigError
+from nmsparse_hf.hub import verify_checkpoint
+from nmsparse_hf.recipe import (
+    ModelArguments,
+    build_model,
+    format_summary,
+    parse_args,
+    parse_overrides,
+    run,
+    seed_yaml_to_args,
+)
+
+ROOT = Path(__file__).parents[1]
+CONFIGS = ROOT / "recipes" / "configs"
+
+
+def test_no_arguments_means_the_embedded_default():
+    model_args, data_args, args, notes = parse_args([], "vit")
+    assert "embedded default vit_digits.yaml" in notes[0]
+    assert model_args.model_config == "vit-digits" and data_args.source == "digits"
+    cfg = args.sparsity_config()
+    assert (cfg.n_keep, cfg.m, cfg.recipe_name) == (1, 8, "MDGF-exp")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    # GPU recipes ask for bf16, which TrainingArguments accepts on this CPU-only machine only
+    # with use_cpu
+    model_args, data_args, args, _ = parse_args([str(path), "--use_cpu", "true"], "vit")
+    assert args.sparsity_config().enabled
+
+
+def test_paper_recipe_matches_spec():
+    model_args, data_args, args, _ = parse_args(
+        [str(CONFIGS / "vit_b16_imagenet_mdgf_exp_1of32.yaml"), "--use_cpu", "true"], "vit"
+    )
+    cfg = args.sparsity_config()
+    assert (cfg.n_keep, cfg.m, cfg.locations, cfg.sparse_dim) == (1, 32, ("FF",), "row")
+    assert cfg.recipe_name == "MDGF-exp" and cfg.decay_coef == 1e-4
+    assert args.learning_rate == 1e-3 and args.weight_decay == 0.01 and args.max_grad_norm == 1.0
+    assert args.bf16 and args.lr_scheduler_type == "cosine"
+    assert args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps == 4096
+    assert data_args.mixup_alpha == 0.5 and data_args.randaugment == "m15-n2"
+    assert data_args.streaming and args.max_steps > 0
+    assert model_args.bce_loss and parse_overrides(model_args.config_overrides) == {
+        "drop_path_rate": 0.1
+    }
+
+
+def test_flags_after_a_file_override_it(tmp_path):
+    _, _, args, _ = parse_args(
+        [str(CONFIGS / "vit_digits.yaml"), "--max_steps", "7", "--m", "4",
+         "--output_dir", str(tmp_path)], "vit"
+    )
+    assert args.max_steps == 7 and args.m == 4 and args.n_keep == 1
+    assert args.output_dir == str(tmp_path)
+
+
+def test_seed_yaml_translation():
+    data = yaml.safe_load((CONFIGS / "vit_b16_seed_style.yaml").read_text())
+    out, ignored = seed_yaml_to_args(data, world_size=16)
+    assert out["learning_rate"] == pytest.approx(1e-3 * 256 * 16 / 4096)
+    assert out["num_train_epochs"] == 350 and out["per_device_train_batch_size"] == 256
+    assert out["warmup_steps"] == pytest.approx(15 / 350)
+    assert out["bf16"] is True and out["max_grad_norm"] == 1.0 and out["optim"] == "adamw_torch"
+    assert out["mixup_alpha"] == 0.5 and out["randaugment"] == "m15-n2"
+    assert out["model_config"] == "timm:vit_base_patch16_224"
+    assert out["config_overrides"] == "drop_path_rate=0.1" and out["bce_loss"] is True
+    assert out["dataset_name"] == "imagefolder" and out["data_dir"] == "/data/imagenet"
+    assert out["n_keep"] == 1 and out["m"] == 32 and out["decay_type"] == "EXP"
+    assert "clip_mode" not in ignored and "dataset" not in ignored
+
+
+def test_seed_yaml_with_a_misspelt_key_is_refused(tmp_path):
+    data = yaml.safe_load((CONFIGS / "vit_b16_seed_style.yaml").read_text())
+    data["n_sparsityy"] = 2
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(NMSparsityConfigError, match="n_sparsityy"):
+        parse_args([str(path)], "vit")
+
+
+def test_unknown_model_config_is_a_clear_error():
+    with pytest.raises(NMSparsityConfigError, match="model_config='vit-huge'"):
+        build_model(ModelArguments(model_config="vit-huge"), "vit", None, 10)
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_overrides("a=1,b=0.5,c=[2, 2],d=x") == {"a": 1, "b": 0.5, "c": [2, 2], "d": "x"}
+    with pytest.raises(NMSparsityConfigError, match="key=value"):
+        parse_overrides("oops")
+
+
+def _tiny_run(tmp_path, config, *flags, family="vit"):
+    out = tmp_path / "out"
+    summary = run(
+        [str(config), "--max_steps", "6", "--output_dir", str(out), "--eval_strategy", "no",
+         "--logging_steps", "3", "--per_device_train_batch_size", "16",
+         "--max_train_samples", "200", "--max_eval_samples", "64", *flags],
+        family=family,
+    )
+    final = out / "final"
+    assert summary["verified"] and verify_checkpoint(final).ok
+    assert json.loads((final / "nmsparse_summary.json").read_text())["steps"] == 6
+    assert "verified N:M: PASS" in format_summary(summary)
+    return summary
+
+
+@pytest.mark.slow
+def test_vit_recipe_runs_on_digits(tmp_path):
+    summary = _tiny_run(tmp_path, CONFIGS / "vit_digits.yaml")
+    assert summary["pattern"] == {"FF": "1:8"}
+    assert 0.0 <= summary["eval"]["eval_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_config", ["swin-digits", "swinv2-digits"])
+def test_swin_recipes_run_on_digits(tmp_path, model_config):
+    summary = _tiny_run(tmp_path, CONFIGS / "swin_digits.yaml", "--model_config", model_config,
+                        "--locations", "FF,QKV", family="swin")
+    assert set(summary["pattern"]) == {"FF", "Q", "K", "V"}
+
+
+@pytest.mark.slow
+def test_seed_style_yaml_runs_through_timm_wrapper(tmp_path):
+    data = yaml.safe_load((CONFIGS / "vit_b16_seed_style.yaml").read_text())
+    for key in ("dataset", "data_dir", "amp", "amp_dtype", "workers"):
+        data.pop(key)  # the embedded digits, fp32 on CPU
+    data.update(model="vit_tiny_patch16_224", m_sparsity=8, batch_size=16, epochs=1)
+    path = tmp_path / "seed.yaml"
+    path.write_text(yaml.safe_dump(data))
+    summary = _tiny_run(
+        tmp_path, path, "--config_overrides",
+        "img_size=16,patch_size=4,embed_dim=64,depth=2,num_heads=2,drop_path_rate=0.1",
+        "--image_size", "16",
+    )
+    assert summary["recipe"] == "MDGF-exp" and summary["pattern"] == {"FF": "1:8"}
+    assert any("seed (timm) keys translated" in n for n in summary["notes"])
+
+
+@pytest.mark.slow
+def test_streaming_without_max_steps_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="max_steps"):
+        run([str(CONFIGS / "vit_digits.yaml"), "--streaming", "true",
+             "--output_dir", str(tmp_path)], family="vit")
+    assert not (tmp_path / "final").exists()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_script_entry(tmp_path):
+    """The documented command line: accelerate launch recipes/train_vit.py CONFIG [flags]."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "1",
+           str(ROOT / "recipes" / "train_vit.py"), str(CONFIGS / "vit_digits.yaml"),
+           "--max_steps", "3", "--output_dir", str(tmp_path / "o"), "--eval_strategy", "no",
+           "--max_train_samples", "64", "--max_eval_samples", "32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "verified N:M: PASS" in proc.stdout
