@@ -116,17 +116,9 @@ def run_ddp(a) -> None:
         "targets": sorted(trainer.sparsifier.layers),
         "global_step": trainer.state.global_step,
     }
-    from nmsparse_hf import hub
-
     final_dir = os.path.join(a.out, "final")
-    if hasattr(hub, "write_model_card"):
-        trainer.save_model(final_dir)  # collective-safe: every rank calls it
-        evidence["saved_by"] = "NMSparseTrainer.save_model"
-    else:  # hub.py still in progress: the plain path with the same metadata
-        if trainer.args.should_save:
-            model.config.nm_sparsity = hub.sparse_metadata(model, trainer.sparsifier)
-            model.save_pretrained(final_dir)
-        evidence["saved_by"] = "save_pretrained"
+    trainer.save_model(final_dir)  # collective-safe: every rank calls it
+    evidence["saved_by"] = "NMSparseTrainer.save_model"
     trainer.accelerator.wait_for_everyone()
     _dump(a.out, rank, evidence, masks)
 
@@ -415,20 +407,6 @@ def run_fsdp_trainer(a) -> None:
     evidence["full_nonzeros"] = sum(int((w != 0).sum()) for w in full.values())
     evidence["metadata_nonzeros"] = meta["nonzeros"]
     evidence["metadata_achieved"] = meta["achieved_sparsity"]
-    # the proposed fix, verified here by monkeypatching: count on the whole (gathered) weight
-    import nmsparse_hf.sparsifier as sparsifier_module
-
-    def full_tensor(tensor):
-        gather = getattr(tensor, "full_tensor", None)
-        return gather() if callable(gather) else tensor
-
-    saved = hub._local, sparsifier_module._local
-    hub._local = sparsifier_module._local = full_tensor
-    try:
-        fixed = hub.sparse_metadata(trainer.model_wrapped, trainer.sparsifier)
-    finally:
-        hub._local, sparsifier_module._local = saved
-    evidence["fixed_metadata"] = {k: fixed[k] for k in ("numel", "nonzeros", "achieved_sparsity")}
     _dump(a.out, rank, evidence)
     try:
         trainer.save_model(os.path.join(a.out, "final"))
