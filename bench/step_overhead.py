@@ -23,14 +23,14 @@ import argparse
 import copy
 import statistics
 import time
+import types
 
 import torch
 import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 
-import nmsparse_hf.sparsifier as sparsifier_module
 from nmsparse_hf.config import NMSparsityConfig
-from nmsparse_hf.sparsifier import NMSparsifier
+from nmsparse_hf.sparsifier import ATTR, NMSparsifier
 
 RECIPES: dict[str, dict | None] = {
     "dense": None,
@@ -41,53 +41,10 @@ RECIPES: dict[str, dict | None] = {
 }
 
 
-class PrototypeMaskedLinear(torch.autograd.Function):
-    """Prototype (``--prototype-fused``) of a proposed change to sparsifier/autograd: the sparse
-    Linear as one Function that saves the bool mask (1 byte per weight) instead of letting
-    ``F.linear`` save the fp32 effective weight W~ (4 bytes per weight), and rebuilds W~ in
-    backward. Same gradients as `EffectiveWeight` + ``F.linear``: grad_x = g W~, grad_W = g^T x
-    (+ lambda (1 - m) W for SR-STE; times m for a frozen fine-tune mask), grad_b = sum g."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mask, alpha, srste_lambda, freeze_pruned):
-        ctx.alpha, ctx.srste_lambda, ctx.freeze_pruned = alpha, srste_lambda, freeze_pruned
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, mask)
-        return F.linear(x, PrototypeMaskedLinear.effective(weight, mask, alpha), bias)
-
-    @staticmethod
-    def effective(weight, mask, alpha):
-        if isinstance(alpha, torch.Tensor) or alpha != 0:
-            return torch.where(mask, weight, weight * alpha)
-        return weight * mask
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, mask = ctx.saved_tensors
-        grad_x = grad @ PrototypeMaskedLinear.effective(weight, mask, ctx.alpha)
-        flat_g = grad.reshape(-1, grad.shape[-1])
-        grad_w = flat_g.t() @ x.reshape(-1, x.shape[-1])
-        if ctx.srste_lambda:
-            grad_w += ctx.srste_lambda * weight.masked_fill(mask, 0)
-        if ctx.freeze_pruned:
-            grad_w.masked_fill_(~mask, 0)
-        grad_b = flat_g.sum(0) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None, None, None, None
-
-
-def _prototype_linear_forward(self, input):
-    state = getattr(self, sparsifier_module.ATTR)
-    if not state.active or state.final:
-        return F.linear(input, self.weight, self.bias)
-    return PrototypeMaskedLinear.apply(
-        input,
-        self.weight,
-        self.bias,
-        state.mask(self.weight),
-        state.alpha,
-        state.srste_lambda,
-        state.freeze_pruned,
-    )
+def _unfused_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """``--unfused``: the sparse Linear as it was before `autograd.SparseLinear`, ``F.linear`` on
+    W~ from `EffectiveWeight`, which saves W~ (a new fp32 tensor per layer) for backward."""
+    return F.linear(input, getattr(self, ATTR).effective(self.weight), self.bias)
 
 
 def build_model(vit_b: bool, layers: int | None, image: int) -> ViTForImageClassification:
@@ -125,7 +82,14 @@ class SavedBytes:
 class Variant:
     """One model copy with its optimizer and (unless dense) its sparsifier."""
 
-    def __init__(self, name: str, base: torch.nn.Module, recipe: dict | None, total_steps: int):
+    def __init__(
+        self,
+        name: str,
+        base: torch.nn.Module,
+        recipe: dict | None,
+        total_steps: int,
+        unfused: bool = False,
+    ):
         self.name = name
         self.model = copy.deepcopy(base).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
@@ -133,6 +97,12 @@ class Variant:
         if recipe is not None:
             config = NMSparsityConfig(n_keep=2, m=4, sparse_dim="row", locations="FF", **recipe)
             self.sparsifier = NMSparsifier(self.model, config, total_steps=total_steps)
+            if unfused:
+                for target in self.sparsifier.targets:
+                    if target.kind == "linear":
+                        target.module.forward = types.MethodType(
+                            _unfused_linear_forward, target.module
+                        )
         self.times: list[float] = []
         self.saved: list[int] = []
         self.state_bytes = 0
@@ -166,20 +136,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument(
-        "--prototype-fused",
+        "--unfused",
         action="store_true",
-        help="monkeypatch the sparse Linear forward with PrototypeMaskedLinear (saves the mask, "
-        "not W~) to measure that proposed change",
+        help="run the sparse Linears as before the fused SparseLinear: F.linear on W~ from "
+        "EffectiveWeight (saves W~ for backward), to compare",
     )
     args = parser.parse_args(argv)
-    if args.prototype_fused:
-        sparsifier_module._linear_forward = _prototype_linear_forward
     if args.threads:
         torch.set_num_threads(args.threads)
     names = ["dense"] + [r for r in args.recipes if r != "dense"]
     base = build_model(args.vit_b, args.layers, args.image_size)
     total_steps = 100_000
-    variants = [Variant(name, base, RECIPES[name], total_steps) for name in names]
+    variants = [Variant(n, base, RECIPES[n], total_steps, args.unfused) for n in names]
     generator = torch.Generator().manual_seed(0)
     size = args.image_size
     pixels = torch.randn(args.batch, 3, size, size, generator=generator)
@@ -189,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{model_name} layers={base.config.num_hidden_layers} image={size} batch={args.batch} "
         f"FF 2:4 row, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"{args.warmup} warm-up + {args.repeats} timed steps per variant, round-robin"
-        + (", PROTOTYPE fused masked linear" if args.prototype_fused else "")
+        + (", UNFUSED sparse Linear (F.linear on W~)" if args.unfused else "")
     )
     for step in range(args.warmup + args.repeats):
         for variant in variants:

@@ -127,6 +127,8 @@ def train_one(
             sparsifier.update(step)
             loss = model(pixel_values=x, labels=y).loss
             loss.backward()
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -277,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr (default 3e-3)")
+    parser.add_argument("--clip", type=float, default=1.0, help="grad-norm clip (0: off)")
     parser.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of steps")
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the JSON and PNG")
     parser.add_argument("--no-plot", action="store_true", help="skip study.png")
