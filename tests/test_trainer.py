@@ -321,3 +321,32 @@ def test_stock_trainer_resume_restarts_from_random_weights(tmp_path):
     assert "missing keys" in out
     a, b = _final(full), _final(part)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_skipped_optimizer_step_still_counts(tmp_path):
+    """Documented behaviour: the schedule follows ``state.global_step``, which the Trainer
+    advances even when the optimizer skips an update (as a GradScaler does on non-finite
+    gradients), exactly like the learning-rate schedule. Resume stays exact because the plan
+    remains a pure function of global_step."""
+
+    class SkipThird(torch.optim.AdamW):
+        calls = 0
+
+        def step(self, closure=None):
+            type(self).calls += 1
+            if type(self).calls == 3:
+                return None  # skipped, as GradScaler.step does
+            return super().step(closure)
+
+    model = tiny_vit()
+    args = _args(tmp_path, logging_steps=1, decay_type="exp", decay_coef=0.3,
+                 dense_fraction=0.25)
+    optimizer = SkipThird(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    trainer = NMSparseTrainer(model=model, args=args, train_dataset=RandomImages(),
+                              optimizers=(optimizer, scheduler))
+    trainer.train()
+    assert SkipThird.calls == 8
+    schedule = trainer.sparsifier.schedule
+    logged = [(e["step"], e["nm/alpha"]) for e in trainer.state.log_history if "loss" in e]
+    assert logged == [(s, schedule.at(s).alpha) for s in range(1, 9)]
