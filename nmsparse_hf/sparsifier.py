@@ -40,6 +40,22 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else tensor
 
 
+def _shard(target: TargetLayer) -> torch.Tensor:
+    """The weight of ``target`` as this rank holds it between steps (the local shard under FSDP2).
+
+    Row-grouped masks are right on a dim-0 shard, but the row blocks of a fused qkv are global row
+    ranges: rather than mask the wrong rows of a shard, refuse.
+    """
+    weight = target.module.weight
+    if callable(getattr(weight, "to_local", None)) and any(b.rows for b in target.blocks):
+        raise NMTargetError(
+            f"{target.name}: a fused qkv layer split into Q/K/V row blocks cannot be masked on an "
+            f"FSDP2 shard. Train it without FSDP2, or use a model with separate q/k/v "
+            f"projections (HF ViT/Swin)."
+        )
+    return _local(weight)
+
+
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor: gathers a DTensor (a collective: call it on every rank), else itself."""
     gather = getattr(tensor, "full_tensor", None)
@@ -381,7 +397,7 @@ class NMSparsifier:
     def _apply_frozen_masks(self) -> None:
         for target in self.targets:
             state = self.layers[target.name]
-            weight = _local(target.module.weight)
+            weight = _shard(target)
             if state.frozen_mask is None or state.frozen_mask.shape != weight.shape:
                 state.frozen_mask = state.mask(weight, state.target_patterns)
             weight.masked_fill_(~state.frozen_mask, 0)
@@ -393,7 +409,7 @@ class NMSparsifier:
         its plain forward, and return the verification. Idempotent."""
         for target in self.targets:
             state = self.layers[target.name]
-            weight = _local(target.module.weight)
+            weight = _shard(target)
             weight.mul_(state.mask(weight, state.target_patterns))
             state.final = True
             state.active = False
@@ -407,7 +423,7 @@ class NMSparsifier:
         report = VerificationReport()
         for target in self.targets:
             state = self.layers[target.name]
-            weight = _local(target.module.weight).detach()
+            weight = _shard(target).detach()
             for block, pattern in zip(target.blocks, state.target_patterns, strict=True):
                 label = target.name + ("" if block.rows is None else f"[{block.location}]")
                 report.layers.append(
@@ -443,7 +459,7 @@ class NMSparsifier:
         flips: dict[str, list[float]] = {}
         for target in self.targets:
             state = self.layers[target.name]
-            weight = _local(target.module.weight).detach()
+            weight = _shard(target).detach()
             if state.final:
                 masks = [(b, _block_view(weight, b) != 0) for b in target.blocks]
                 eff = weight

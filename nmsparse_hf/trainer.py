@@ -140,7 +140,8 @@ def _patterns(value):
 
 def sparsity_logs(sparsifier: NMSparsifier) -> dict[str, float]:
     """The numbers logged at each logging step: phase id (0 dense, 1 sparse, 2 fine-tune), alpha,
-    SDGF stage, and per location the current pattern, realised sparsity and mask flip rate."""
+    SDGF stage, and per location the current pattern (``n_keep``, ``m``, ``density`` = n/m; only the
+    density, 1.0, in the dense phase), realised sparsity and mask flip rate."""
     plan = sparsifier.plan
     if plan is None:
         return {}
@@ -150,9 +151,12 @@ def sparsity_logs(sparsifier: NMSparsifier) -> dict[str, float]:
         "nm/stage": plan.stage,
     }
     for loc in sparsifier.locations:
-        n, m = plan.patterns.get(loc, (None, None)) if plan.masked else (None, None)
-        out[f"nm/{loc}/n_keep"] = float(n) if n is not None else float("nan")
-        out[f"nm/{loc}/m"] = float(m) if m is not None else float("nan")
+        if plan.masked:  # the dense phase has no pattern: only its density (1.0) is logged
+            n, m = plan.patterns[loc]
+            out[f"nm/{loc}/n_keep"], out[f"nm/{loc}/m"] = float(n), float(m)
+        out[f"nm/{loc}/density"] = (
+            plan.patterns[loc][0] / plan.patterns[loc][1] if plan.masked else 1.0
+        )
     for key, value in sparsifier.stats().items():
         kind, loc = key.split("/")
         out[f"nm/{loc}/{kind}"] = value

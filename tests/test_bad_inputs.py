@@ -79,8 +79,14 @@ def _trainer_too_short_for_sdgf(tmp_path):
             return {"pixel_values": torch.zeros(3, 32, 32), "labels": torch.tensor(0)}
 
     args = SparseTrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, n_keep=1, m=8, structure_decay=True,
-        report_to=[], use_cpu=True, per_device_train_batch_size=2,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        n_keep=1,
+        m=8,
+        structure_decay=True,
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=2,
     )
     model = tiny_vit()
     before = model.vit.layers[0].mlp.fc1.weight.detach().clone()
@@ -143,36 +149,72 @@ CASES = [
     ("n not int", cfg(n_keep="two"), ["n_keep", "'two'", "integer"]),
     ("sparsity_type", cfg(sparsity_type="magnitude"), ["sparsity_type", "'magnitude'", "srste"]),
     ("decay_type", cfg(decay_type="cosine"), ["decay_type", "'cosine'", "exp"]),
-    ("structure type", cfg(structure_decay_type="zigzag"),
-     ["structure_decay_type", "'zigzag'", "sparsify"]),
+    (
+        "structure type",
+        cfg(structure_decay_type="zigzag"),
+        ["structure_decay_type", "'zigzag'", "sparsify"],
+    ),
     ("location", cfg(locations="FF,MLP"), ["locations", "'MLP'", "FF, Q, K, V, O, C"]),
     ("dim", cfg(sparse_dim="diag"), ["sparse_dim", "'diag'", "col"]),
     ("finetune_mask", cfg(finetune_mask="sticky"), ["finetune_mask", "'sticky'", "frozen"]),
     ("dense>1", cfg(dense_fraction=1.5), ["dense_fraction", "1.5", "[0, 1]"]),
     ("finetune<0", cfg(finetune_fraction=-0.1), ["finetune_fraction", "-0.1", "[0, 1]"]),
-    ("dense+ft>=1", cfg(dense_fraction=0.6, finetune_fraction=0.4),
-     ["dense_fraction + finetune_fraction", "0.6", "below 1"]),
+    (
+        "dense+ft>=1",
+        cfg(dense_fraction=0.6, finetune_fraction=0.4),
+        ["dense_fraction + finetune_fraction", "0.6", "below 1"],
+    ),
     ("negative beta", cfg(decay_coef=-1e-4), ["decay_coef", "-0.0001", ">= 0"]),
     ("negative lambda", cfg(srste_lambda=-1.0), ["srste_lambda", "-1.0", ">= 0"]),
-    ("srste+linear", cfg(sparsity_type="srste", decay_type="linear"),
-     ["decay_type", "'linear'", "decay_type='step'"]),
-    ("start_k", cfg(structure_decay=True, structure_decay_start_k=6),
-     ["structure_decay_start_k", "6", "power of two"]),
+    (
+        "srste+linear",
+        cfg(sparsity_type="srste", decay_type="linear"),
+        ["decay_type", "'linear'", "decay_type='step'"],
+    ),
+    (
+        "start_k",
+        cfg(structure_decay=True, structure_decay_start_k=6),
+        ["structure_decay_start_k", "6", "power of two"],
+    ),
     ("unknown key", _unknown_our_key, ["decay_coeff", "did you mean 'decay_coef'"]),
-    ("M vs layer", attach(lambda: tiny_vit(hidden=48), n_keep=1, m=32),
-     ["vit.layers.0.mlp.fc1", "(96, 48)", "M=32", "exclude_modules"]),
-    ("SDGF stage vs layer", attach(lambda: tiny_vit(hidden=32), n_keep=1, m=8,
-                                   structure_decay=True, structure_decay_type="fine"),
-     ["vit.layers.0.mlp.fc1", "8:64", "structure_decay_fallback=True"]),
-    ("location matches nothing", attach(locations="FF,C"), ["['C']", "match no layer", "locations"]),
-    ("no preset", lambda: NMSparsifier(NoFamily(), NMSparsityConfig(), 10),
-     ["NoFamily", "no nmsparse_hf preset", "target_modules"]),
+    (
+        "M vs layer",
+        attach(lambda: tiny_vit(hidden=48), n_keep=1, m=32),
+        ["vit.layers.0.mlp.fc1", "(96, 48)", "M=32", "exclude_modules"],
+    ),
+    (
+        "SDGF stage vs layer",
+        attach(
+            lambda: tiny_vit(hidden=32),
+            n_keep=1,
+            m=8,
+            structure_decay=True,
+            structure_decay_type="fine",
+        ),
+        ["vit.layers.0.mlp.fc1", "8:64", "structure_decay_fallback=True"],
+    ),
+    (
+        "location matches nothing",
+        attach(locations="FF,C"),
+        ["['C']", "match no layer", "locations"],
+    ),
+    (
+        "no preset",
+        lambda: NMSparsifier(NoFamily(), NMSparsityConfig(), 10),
+        ["NoFamily", "no nmsparse_hf preset", "target_modules"],
+    ),
     ("pattern matches nothing", attach(target_modules=["fc9"]), ["['fc9']", "matches no", "regex"]),
-    ("pattern hits LayerNorm", attach(target_modules=r".*layernorm_after"),
-     ["layernorm_after (LayerNorm)", "Linear/Conv2d"]),
+    (
+        "pattern hits LayerNorm",
+        attach(target_modules=r".*layernorm_after"),
+        ["layernorm_after (LayerNorm)", "Linear/Conv2d"],
+    ),
     ("attached twice", _twice, ["already has an NMSparsifier", "detach()"]),
-    ("total_steps", lambda: SparsitySchedule(NMSparsityConfig(), 0),
-     ["total_steps = 0", "max_steps"]),
+    (
+        "total_steps",
+        lambda: SparsitySchedule(NMSparsityConfig(), 0),
+        ["total_steps = 0", "max_steps"],
+    ),
     ("update before length", _update_without_total_steps, ["total_steps", "set_total_steps"]),
     ("streaming w/o max_steps", _streaming_without_max_steps, ["max_steps", "-1", "streaming"]),
     ("model_config", _unknown_model_config, ["model_config='vit-huge'", "vit-b16"]),
@@ -186,10 +228,16 @@ TMP_CASES = [
     ("seed yaml unknown key", _seed_yaml_unknown_key, ["m_sparsityy", "fix their spelling"]),
     ("missing config file", _missing_config_file, ["nope.yaml", "does not exist"]),
     ("metadata vs weights", _metadata_disagrees, ["achieved", "0.9"]),
-    ("SDGF longer than run", _trainer_too_short_for_sdgf,
-     ["sparse phase has 3 optimizer step(s)", "needs at least 4", "Train longer"]),
-    ("plain TrainingArguments", _plain_training_arguments,
-     ["SparseTrainingArguments", "sparsity_config=NMSparsityConfig"]),
+    (
+        "SDGF longer than run",
+        _trainer_too_short_for_sdgf,
+        ["sparse phase has 3 optimizer step(s)", "needs at least 4", "Train longer"],
+    ),
+    (
+        "plain TrainingArguments",
+        _plain_training_arguments,
+        ["SparseTrainingArguments", "sparsity_config=NMSparsityConfig"],
+    ),
 ]
 
 
@@ -206,8 +254,9 @@ def test_bad_input_is_a_clear_error(trigger, words):
     _check(trigger, words)
 
 
-@pytest.mark.parametrize("trigger, words", [c[1:] for c in TMP_CASES],
-                         ids=[c[0] for c in TMP_CASES])
+@pytest.mark.parametrize(
+    "trigger, words", [c[1:] for c in TMP_CASES], ids=[c[0] for c in TMP_CASES]
+)
 def test_bad_input_with_files_is_a_clear_error(trigger, words, tmp_path):
     _check(lambda: trigger(tmp_path), words)
 

@@ -61,8 +61,16 @@ def test_paper_recipe_matches_spec():
 
 def test_flags_after_a_file_override_it(tmp_path):
     _, _, args, _ = parse_args(
-        [str(CONFIGS / "vit_digits.yaml"), "--max_steps", "7", "--m", "4",
-         "--output_dir", str(tmp_path)], "vit"
+        [
+            str(CONFIGS / "vit_digits.yaml"),
+            "--max_steps",
+            "7",
+            "--m",
+            "4",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        "vit",
     )
     assert args.max_steps == 7 and args.m == 4 and args.n_keep == 1
     assert args.output_dir == str(tmp_path)
@@ -106,9 +114,24 @@ def test_overrides_parse_yaml_values():
 def _tiny_run(tmp_path, config, *flags, family="vit"):
     out = tmp_path / "out"
     summary = run(
-        [str(config), "--max_steps", "6", "--output_dir", str(out), "--eval_strategy", "no",
-         "--logging_steps", "3", "--per_device_train_batch_size", "16",
-         "--max_train_samples", "200", "--max_eval_samples", "64", *flags],
+        [
+            str(config),
+            "--max_steps",
+            "6",
+            "--output_dir",
+            str(out),
+            "--eval_strategy",
+            "no",
+            "--logging_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "16",
+            "--max_train_samples",
+            "200",
+            "--max_eval_samples",
+            "64",
+            *flags,
+        ],
         family=family,
     )
     final = out / "final"
@@ -128,8 +151,15 @@ def test_vit_recipe_runs_on_digits(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model_config", ["swin-digits", "swinv2-digits"])
 def test_swin_recipes_run_on_digits(tmp_path, model_config):
-    summary = _tiny_run(tmp_path, CONFIGS / "swin_digits.yaml", "--model_config", model_config,
-                        "--locations", "FF,QKV", family="swin")
+    summary = _tiny_run(
+        tmp_path,
+        CONFIGS / "swin_digits.yaml",
+        "--model_config",
+        model_config,
+        "--locations",
+        "FF,QKV",
+        family="swin",
+    )
     assert set(summary["pattern"]) == {"FF", "Q", "K", "V"}
 
 
@@ -142,9 +172,12 @@ def test_seed_style_yaml_runs_through_timm_wrapper(tmp_path):
     path = tmp_path / "seed.yaml"
     path.write_text(yaml.safe_dump(data))
     summary = _tiny_run(
-        tmp_path, path, "--config_overrides",
+        tmp_path,
+        path,
+        "--config_overrides",
         "img_size=16,patch_size=4,embed_dim=64,depth=2,num_heads=2,drop_path_rate=0.1",
-        "--image_size", "16",
+        "--image_size",
+        "16",
     )
     assert summary["recipe"] == "MDGF-exp" and summary["pattern"] == {"FF": "1:8"}
     assert any("seed (timm) keys translated" in n for n in summary["notes"])
@@ -153,8 +186,16 @@ def test_seed_style_yaml_runs_through_timm_wrapper(tmp_path):
 @pytest.mark.slow
 def test_streaming_without_max_steps_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="max_steps"):
-        run([str(CONFIGS / "vit_digits.yaml"), "--streaming", "true",
-             "--output_dir", str(tmp_path)], family="vit")
+        run(
+            [
+                str(CONFIGS / "vit_digits.yaml"),
+                "--streaming",
+                "true",
+                "--output_dir",
+                str(tmp_path),
+            ],
+            family="vit",
+        )
     assert not (tmp_path / "final").exists()
 
 
@@ -162,10 +203,25 @@ def test_streaming_without_max_steps_fails_before_training(tmp_path):
 def test_accelerate_launch_script_entry(tmp_path):
     """The documented command line: accelerate launch recipes/train_vit.py CONFIG [flags]."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "1",
-           str(ROOT / "recipes" / "train_vit.py"), str(CONFIGS / "vit_digits.yaml"),
-           "--max_steps", "3", "--output_dir", str(tmp_path / "o"), "--eval_strategy", "no",
-           "--max_train_samples", "64", "--max_eval_samples", "32"]
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        str(ROOT / "recipes" / "train_vit.py"),
+        str(CONFIGS / "vit_digits.yaml"),
+        "--max_steps",
+        "3",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--eval_strategy",
+        "no",
+        "--max_train_samples",
+        "64",
+        "--max_eval_samples",
+        "32",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "verified N:M: PASS" in proc.stdout

@@ -260,3 +260,14 @@ def test_biases_are_kept(batch):
     for n, p in model.named_parameters():
         if n.endswith("bias"):
             assert torch.equal(p, biases[n]), n
+
+
+def test_fused_qkv_row_blocks_refuse_a_sharded_weight():
+    """Under FSDP2 a weight is a dim-0 shard between steps: fused-qkv row ranges would hit the
+    wrong rows, so finalize refuses (a stand-in for a DTensor: anything with ``to_local``)."""
+    model = tiny_timm_vit()
+    sp = NMSparsifier(model, NMSparsityConfig(locations="FF,Q"), total_steps=4)
+    qkv = model.timm_model.blocks[0].attn.qkv.weight
+    qkv.to_local = lambda: qkv.data[:96]
+    with pytest.raises(NMTargetError, match=r"qkv.*FSDP2 shard"):
+        sp.finalize()

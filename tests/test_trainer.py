@@ -192,6 +192,7 @@ def test_logs_carry_phase_alpha_pattern_sparsity_and_flip_rate(tmp_path):
     assert [logs[s]["nm/phase"] for s in (2, 4, 6, 8)] == [1, 1, 2, 2]
     assert logs[2]["nm/alpha"] == pytest.approx(1.0) and logs[4]["nm/alpha"] == pytest.approx(0.6)
     assert logs[4]["nm/FF/n_keep"] == 1 and logs[4]["nm/FF/m"] == 4
+    assert logs[4]["nm/FF/density"] == 0.25
     assert logs[4]["nm/FF/sparsity"] == 0.0  # alpha > 0: pruned weights still contribute
     assert logs[6]["nm/FF/sparsity"] == 0.75
     assert "nm/FF/mask_flip_rate" not in logs[2] and 0 <= logs[4]["nm/FF/mask_flip_rate"] < 1
@@ -255,8 +256,16 @@ def test_gradient_accumulation_follows_optimizer_steps(tmp_path):
         )
         trainer = NMSparseTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages(64))
         trainer.train()
-        keys = ("step", "nm/phase", "nm/alpha", "nm/stage", "nm/FF/n_keep", "nm/FF/m")
-        return [{k: e[k] for k in keys} for e in trainer.state.log_history if "loss" in e]
+        keys = (
+            "step",
+            "nm/phase",
+            "nm/alpha",
+            "nm/stage",
+            "nm/FF/n_keep",
+            "nm/FF/m",
+            "nm/FF/density",
+        )
+        return [{k: e.get(k) for k in keys} for e in trainer.state.log_history if "loss" in e]
 
     a, b = run(2, 4, "a"), run(8, 1, "b")
     assert len(a) == 8 and a == b
@@ -339,12 +348,12 @@ def test_a_skipped_optimizer_step_still_counts(tmp_path):
             return super().step(closure)
 
     model = tiny_vit()
-    args = _args(tmp_path, logging_steps=1, decay_type="exp", decay_coef=0.3,
-                 dense_fraction=0.25)
+    args = _args(tmp_path, logging_steps=1, decay_type="exp", decay_coef=0.3, dense_fraction=0.25)
     optimizer = SkipThird(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    trainer = NMSparseTrainer(model=model, args=args, train_dataset=RandomImages(),
-                              optimizers=(optimizer, scheduler))
+    trainer = NMSparseTrainer(
+        model=model, args=args, train_dataset=RandomImages(), optimizers=(optimizer, scheduler)
+    )
     trainer.train()
     assert SkipThird.calls == 8
     schedule = trainer.sparsifier.schedule
