@@ -16,5 +16,5 @@ train: install
 	$(BIN)/accelerate launch --cpu --num_processes 1 recipes/train_vit.py
 
 test: install
-	$(BIN)/ruff check nmsparse_hf tests recipes bench
+	$(BIN)/ruff check nmsparse_hf tests recipes bench examples
 	$(BIN)/python -m pytest -q -rs tests

@@ -26,6 +26,15 @@ from .errors import NMSparsityConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 
+_SWIN_DIGITS = dict(
+    image_size=16,
+    patch_size=2,
+    embed_dim=32,
+    depths=[2, 2],
+    num_heads=[2, 4],
+    window_size=4,
+    drop_path_rate=0.0,
+)
 # Architectures to build from scratch: family -> preset name -> config kwargs.
 SCRATCH_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "vit": {
@@ -57,15 +66,7 @@ SCRATCH_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
     },
     "swin": {
-        "swin-digits": dict(
-            image_size=16,
-            patch_size=2,
-            embed_dim=32,
-            depths=[2, 2],
-            num_heads=[2, 4],
-            window_size=4,
-            drop_path_rate=0.0,
-        ),
+        "swin-digits": _SWIN_DIGITS,
         "swin-t": dict(
             image_size=224,
             patch_size=4,
@@ -77,15 +78,7 @@ SCRATCH_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
     },
     "swinv2": {
-        "swinv2-digits": dict(
-            image_size=16,
-            patch_size=2,
-            embed_dim=32,
-            depths=[2, 2],
-            num_heads=[2, 4],
-            window_size=4,
-            drop_path_rate=0.0,
-        ),
+        "swinv2-digits": _SWIN_DIGITS,
         "swinv2-b": dict(
             image_size=256,
             patch_size=4,

@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import tiny_vit  # noqa: E402
+from conftest import RandomImages, tiny_vit  # noqa: E402
 
 # 1:4 on FF and Q, K, V, MDGF-exp; 8 steps: dense 0-1, sparse 2-5, fine-tune 6-7
 SPARSITY = dict(
@@ -30,19 +30,6 @@ SPARSITY = dict(
     dense_fraction=0.25,
     finetune_fraction=0.25,
 )
-
-
-class RandomImages(torch.utils.data.Dataset):
-    def __init__(self, n=32, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 3, 32, 32, generator=g)
-        self.y = torch.randint(0, 10, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
 def _dump(out: str, rank: int, evidence: dict, tensors: dict | None = None) -> None:

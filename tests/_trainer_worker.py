@@ -12,25 +12,10 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import tiny_swin, tiny_swinv2, tiny_timm_vit, tiny_vit  # noqa: E402
+from conftest import RandomImages, tiny_swin, tiny_swinv2, tiny_timm_vit, tiny_vit  # noqa: E402
 
 FACTORIES = {"vit": tiny_vit, "swin": tiny_swin, "swinv2": tiny_swinv2, "timm": tiny_timm_vit}
-
-
-class RandomImages(torch.utils.data.Dataset):
-    def __init__(self, n=64, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 3, 32, 32, generator=g)
-        self.y = torch.randint(0, 10, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -39,12 +40,10 @@ def tiny_vit(
     )
 
 
-def tiny_swin(seed: int = 0):
-    from transformers import SwinConfig, SwinForImageClassification
-
+def _tiny_swin_family(config_cls, model_cls, seed: int):
     torch.manual_seed(seed)
-    return SwinForImageClassification(
-        SwinConfig(
+    return model_cls(
+        config_cls(
             image_size=32,
             patch_size=4,
             embed_dim=32,
@@ -54,23 +53,18 @@ def tiny_swin(seed: int = 0):
             num_labels=10,
         )
     )
+
+
+def tiny_swin(seed: int = 0):
+    from transformers import SwinConfig, SwinForImageClassification
+
+    return _tiny_swin_family(SwinConfig, SwinForImageClassification, seed)
 
 
 def tiny_swinv2(seed: int = 0):
     from transformers import Swinv2Config, Swinv2ForImageClassification
 
-    torch.manual_seed(seed)
-    return Swinv2ForImageClassification(
-        Swinv2Config(
-            image_size=32,
-            patch_size=4,
-            embed_dim=32,
-            depths=[1, 1],
-            num_heads=[2, 2],
-            window_size=4,
-            num_labels=10,
-        )
-    )
+    return _tiny_swin_family(Swinv2Config, Swinv2ForImageClassification, seed)
 
 
 def tiny_timm_vit(seed: int = 0):
@@ -101,3 +95,25 @@ def vit():
 def batch():
     g = torch.Generator().manual_seed(0)
     return torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """``n`` seeded random 3x32x32 images with labels in 0..9, as Trainer examples."""
+
+    def __init__(self, n: int = 32, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 32, 32, generator=g)
+        self.y = torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a rendezvous of test processes)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

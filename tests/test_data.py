@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -16,6 +15,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from PIL import Image
 
 from nmsparse_hf.data import (
@@ -615,12 +615,6 @@ def test_hub_metric_names_pass_through_to_evaluate_load():
 # Two real processes: the Trainer shards the stream, each sample is seen once per epoch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_ranks_see_every_streamed_sample_once_per_epoch(shards, tmp_path):
     out = tmp_path / "out"
@@ -642,7 +636,7 @@ def test_two_ranks_see_every_streamed_sample_once_per_epoch(shards, tmp_path):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(REPO / "tests" / "_data_worker.py"),
         "--data_dir",
         str(shards),

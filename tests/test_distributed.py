@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_swin, tiny_swinv2, tiny_vit
+from conftest import free_port, tiny_swin, tiny_swinv2, tiny_vit
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,10 +115,6 @@ def _find_class(name: str):
 
 
 # ---------------------------------------------------------------------------- launching
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _launch(cmd: list[str], out: Path) -> float:
@@ -169,7 +164,7 @@ def _torchrun(out: Path, *extra: str) -> float:
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(WORKER),
         "fsdp",
         str(out),
@@ -191,7 +186,7 @@ def test_ddp_two_gloo_processes_nmsparse_trainer(tmp_path):
         "--config_file",
         str(CONFIGS / "multi_cpu.yaml"),
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         str(WORKER),
         "ddp",
         str(out),
@@ -316,7 +311,7 @@ def test_fsdp2_nmsparse_trainer_through_accelerate(tmp_path):
         "--config_file",
         str(CONFIGS / "multi_cpu.yaml"),
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         str(WORKER),
         "fsdp-trainer",
         str(out),

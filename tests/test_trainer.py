@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_swin, tiny_swinv2, tiny_timm_vit, tiny_vit
+from conftest import RandomImages, tiny_swin, tiny_swinv2, tiny_timm_vit, tiny_vit
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer
 
@@ -17,19 +17,6 @@ from nmsparse_hf import NMSparsityConfig, NMSparsityConfigError, verify_nm
 from nmsparse_hf.trainer import NMSparseTrainer, NMSparsityCallback, SparseTrainingArguments
 
 WORKER = Path(__file__).with_name("_trainer_worker.py")
-
-
-class RandomImages(torch.utils.data.Dataset):
-    def __init__(self, n=32, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 3, 32, 32, generator=g)
-        self.y = torch.randint(0, 10, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
 def _args(tmp_path, **kw):
