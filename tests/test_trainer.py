@@ -346,3 +346,59 @@ def test_a_skipped_optimizer_step_still_counts(tmp_path):
     schedule = trainer.sparsifier.schedule
     logged = [(e["step"], e["nm/alpha"]) for e in trainer.state.log_history if "loss" in e]
     assert logged == [(s, schedule.at(s).alpha) for s in range(1, 9)]
+
+
+def test_push_to_hub_goes_through_the_trainer_path(tmp_path, monkeypatch):
+    """The Trainer's own push path, mocked only at the Hub calls: what would be uploaded is the
+    sparse checkpoint (metadata in config.json, exact zeros, our model card)."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    uploaded = {}
+
+    def create_repo(self, repo_id, **kw):
+        return SimpleNamespace(repo_id=f"me/{repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, **kw):
+        folder = Path(folder_path)
+        uploaded["repo_id"] = repo_id
+        uploaded["files"] = sorted(p.name for p in folder.iterdir() if p.is_file())
+        uploaded["config"] = json.loads((folder / "config.json").read_text())
+        uploaded["weights"] = load_file(folder / "model.safetensors")
+        uploaded["card"] = (folder / "README.md").read_text()
+        return "commit"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    trainer, _ = _train_and_save(tiny_vit(), tmp_path, n_keep=1, m=4)
+    assert trainer.push_to_hub() == "commit"
+    assert uploaded["repo_id"] == "me/out"
+    meta = uploaded["config"]["nm_sparsity"]
+    assert meta["n_keep"] == 1 and meta["m"] == 4
+    for name in meta["layers"]:
+        w = uploaded["weights"][f"{name}.weight"]
+        assert (w.reshape(-1, 4) != 0).sum(-1).max() <= 1
+    assert "nmsparse_hf" in uploaded["card"] and "1:4" in uploaded["card"]
+
+
+def test_sparsity_metrics_reach_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = _args(tmp_path, report_to=["tensorboard"], n_keep=1, m=4)
+    trainer = NMSparseTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages())
+    trainer.train()
+    (event_file,) = tmp_path.rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in (
+        "train/nm/alpha",
+        "train/nm/FF/sparsity",
+        "train/nm/FF/mask_flip_rate",
+        "train/nm/FF/n_keep",
+        "train/nm/phase",
+    ):
+        assert tag in tags, sorted(tags)
+    assert events.Scalars("train/nm/FF/sparsity")[-1].value == 0.75
