@@ -131,6 +131,11 @@ def _topn_stable(groups: torch.Tensor, n: int) -> torch.Tensor:
     is repeated). One global count (or the (n+1)-th largest, where it is cheap) tells whether that
     happened anywhere; only such groups go through the exact tie-breaking of `_topn_stable_rows`.
     """
+    if torch.compiler.is_compiling():
+        # traced: no data-dependent branch (it would break the graph); always the exact path
+        p, m, q = groups.shape
+        rows = groups.transpose(1, 2).reshape(-1, m)
+        return _topn_stable_rows(rows, n).reshape(p, q, m).transpose(1, 2)
     if n == groups.shape[1] - 1:
         # prune the single smallest: exact unless a group's minimum is repeated
         keep = groups > groups.amin(dim=1, keepdim=True)

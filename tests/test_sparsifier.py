@@ -347,3 +347,22 @@ def test_plain_linear_model_by_pattern_matches_functional():
         model[2].bias,
     )
     torch.testing.assert_close(model(x), expected)
+
+
+def test_no_graph_break_comes_from_nmsparse_hf():
+    """Under torch.compile the mask, the schedule state and the fused linear trace into the graph:
+    no data-dependent branch of ours breaks it."""
+    model = tiny_vit()
+    sp = NMSparsifier(
+        model, NMSparsityConfig(locations="FF,QKV", decay_type="exp", decay_coef=0.1), 10
+    )
+    sp.update(3)
+    explained = torch._dynamo.explain(model)(pixel_values=torch.randn(2, 3, 32, 32))
+    ours = [
+        (r.reason, f.filename, f.lineno)
+        for r in explained.break_reasons
+        for f in r.user_stack
+        if "nmsparse_hf" in f.filename
+    ]
+    assert ours == []
+    torch._dynamo.reset()
