@@ -305,6 +305,7 @@ class NMSparseTrainer(Trainer):
                 output_dir,
                 meta,
                 eval_results=self._last_eval_results(),
+                model_name=os.path.basename(os.path.abspath(self.args.output_dir)),
                 model_type=getattr(model.config, "model_type", None),
             )
         if self.args.push_to_hub and not _internal_call:
