@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import RandomImages, tiny_vit  # noqa: E402
+from conftest import RandomImages, tiny_training_args, tiny_vit  # noqa: E402
 
 # 1:4 on FF and Q, K, V, MDGF-exp; 8 steps: dense 0-1, sparse 2-5, fine-tune 6-7
 SPARSITY = dict(
@@ -48,21 +48,13 @@ def run_ddp(a) -> None:
     import torch.distributed as dist
     from transformers import TrainerCallback
 
-    from nmsparse_hf.trainer import NMSparseTrainer, SparseTrainingArguments
+    from nmsparse_hf.trainer import NMSparseTrainer
 
     model = tiny_vit()
-    args = SparseTrainingArguments(
-        output_dir=os.path.join(a.out, "run"),
+    args = tiny_training_args(
+        os.path.join(a.out, "run"),
         max_steps=a.steps,
         per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=2,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         **SPARSITY,
     )
     masks: dict[str, torch.Tensor] = {}
@@ -335,22 +327,14 @@ def run_fsdp_trainer(a) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from nmsparse_hf.trainer import NMSparseTrainer, SparseTrainingArguments
+    from nmsparse_hf.trainer import NMSparseTrainer
 
     _force_fsdp_on_cpu()
     model = tiny_vit()
-    args = SparseTrainingArguments(
-        output_dir=os.path.join(a.out, "run"),
+    args = tiny_training_args(
+        os.path.join(a.out, "run"),
         max_steps=a.steps,
         per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=2,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         fsdp="full_shard",
         fsdp_config={
             "fsdp_version": 2,

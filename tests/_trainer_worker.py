@@ -13,7 +13,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import RandomImages, tiny_swin, tiny_swinv2, tiny_timm_vit, tiny_vit  # noqa: E402
+from conftest import (  # noqa: E402
+    RandomImages,
+    tiny_swin,
+    tiny_swinv2,
+    tiny_timm_vit,
+    tiny_training_args,
+    tiny_vit,
+)
 
 FACTORIES = {"vit": tiny_vit, "swin": tiny_swin, "swinv2": tiny_swinv2, "timm": tiny_timm_vit}
 
@@ -23,7 +30,7 @@ def main(argv=None):
     from transformers import Trainer, TrainerCallback
 
     from nmsparse_hf import NMSparsityConfig
-    from nmsparse_hf.trainer import NMSparseTrainer, NMSparsityCallback, SparseTrainingArguments
+    from nmsparse_hf.trainer import NMSparseTrainer, NMSparsityCallback
 
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -45,19 +52,11 @@ def main(argv=None):
         dense_fraction=0.25,
         finetune_fraction=0.25,
     )
-    args = SparseTrainingArguments(
-        output_dir=a.out,
+    args = tiny_training_args(
+        a.out,
         max_steps=a.max_steps,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        logging_steps=2,
         save_steps=a.save_steps,
         save_strategy="steps",
-        report_to=[],
-        seed=0,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         **sparsity,
     )
 

@@ -117,3 +117,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def tiny_training_args(output_dir, **overrides):
+    """`SparseTrainingArguments` for the tiny test runs: CPU, seeded, no reporting, no saving."""
+    from nmsparse_hf.trainer import SparseTrainingArguments
+
+    values = dict(
+        output_dir=str(output_dir),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return SparseTrainingArguments(**values)

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RandomImages, tiny_swin, tiny_swinv2, tiny_timm_vit, tiny_vit
+from conftest import (
+    RandomImages,
+    tiny_swin,
+    tiny_swinv2,
+    tiny_timm_vit,
+    tiny_training_args,
+    tiny_vit,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer
 
@@ -20,21 +27,7 @@ WORKER = Path(__file__).with_name("_trainer_worker.py")
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=8,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        logging_steps=2,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    base.update(kw)
-    return SparseTrainingArguments(**base)
+    return tiny_training_args(tmp_path / "out", **kw)
 
 
 # ---------------------------------------------------------------------------- arguments
