@@ -225,3 +225,30 @@ def test_accelerate_launch_script_entry(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "verified N:M: PASS" in proc.stdout
+
+
+@pytest.mark.slow
+def test_paper_style_bce_mixup_randaugment_run(tmp_path):
+    """The paper's training choices on the embedded data: BCE on soft labels, mixup, RandAugment;
+    evaluation sees one-hot labels and unmixed images."""
+    summary = _tiny_run(
+        tmp_path,
+        CONFIGS / "vit_digits.yaml",
+        "--mixup_alpha",
+        "0.5",
+        "--randaugment",
+        "m9-n2",
+        "--bce_loss",
+        "true",
+    )
+    config = json.loads((tmp_path / "out" / "final" / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification"
+    assert 0.0 <= summary["eval"]["eval_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_streaming_run_with_max_steps(tmp_path):
+    summary = _tiny_run(
+        tmp_path, CONFIGS / "vit_digits.yaml", "--streaming", "true", "--shuffle_buffer_size", "64"
+    )
+    assert summary["steps"] == 6 and summary["verified"]
