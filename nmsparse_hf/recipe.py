@@ -463,6 +463,7 @@ def parse_args(argv: list[str] | None, family: str):
     parser = HfArgumentParser((ModelArguments, DataArguments, SparseTrainingArguments))
     argv = list(sys.argv[1:] if argv is None else argv)
     notes: list[str] = []
+    cpu_only = not _has_accelerator()
     if not argv:
         default = RECIPES_DIR / f"{family}_digits.yaml"
         notes.append(f"no arguments: running the embedded default {default.name}")
@@ -488,6 +489,8 @@ def parse_args(argv: list[str] | None, family: str):
             data = {**rest, **sparsity}
         # flags after the file override it
         merged = dict(data)
+        if cpu_only:
+            merged.setdefault("use_cpu", True)
         if len(argv) > 1:
             parsed = parser.parse_args_into_dataclasses(argv[1:], look_for_args_file=False)
             for key in _explicit_flags(argv[1:]):
@@ -496,8 +499,24 @@ def parse_args(argv: list[str] | None, family: str):
                         merged[key] = getattr(obj, key)
         model_args, data_args, training_args = parser.parse_dict(merged, allow_extra_keys=False)
     else:
+        if cpu_only and "--use_cpu" not in argv:
+            argv += ["--use_cpu", "true"]
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     return model_args, data_args, training_args, notes
+
+
+def _has_accelerator() -> bool:
+    """True with a CUDA/XPU/MPS device. Without one the recipe sets ``use_cpu`` (unless given):
+    several CPU processes then really form a gloo process group, and bf16 is allowed on CPU."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool(
+        torch.cuda.is_available()
+        or (xpu is not None and xpu.is_available())
+        or (mps is not None and mps.is_available())
+    )
 
 
 def _explicit_flags(argv: list[str]) -> list[str]:
@@ -563,6 +582,7 @@ def run(argv: list[str] | None = None, family: str = "vit") -> dict[str, Any]:
     if eval_collator is not None:
         _use_eval_collator(trainer, eval_collator)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    distributed = _check_ranks_agree(trainer)
     metrics = trainer.evaluate()
     final_dir = os.path.join(args.output_dir, "final")
     trainer.save_model(final_dir)
@@ -570,11 +590,43 @@ def run(argv: list[str] | None = None, family: str = "vit") -> dict[str, Any]:
     if trainer.args.should_save:
         report = verify_checkpoint(final_dir)
         summary = _summary(trainer, metrics, final_dir, report, time.time() - start, notes)
+        summary["distributed"] = distributed
         print(format_summary(summary), flush=True)
         report.raise_if_failed()
         with open(os.path.join(final_dir, "nmsparse_summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
     return summary
+
+
+def _check_ranks_agree(trainer) -> dict[str, Any]:
+    """With several data-parallel processes, every rank must end with the same sparse weights
+    (same masks from the same weights): compare a digest of them across ranks, fail loudly if not.
+    Returns how the run was distributed (for the summary)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    info = {
+        "world_size": trainer.args.world_size,
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "backend": getattr(trainer.accelerator.state, "backend", None),
+    }
+    if info["world_size"] < 2 or trainer.is_fsdp_enabled:  # FSDP ranks hold different shards
+        return info
+    digest = hashlib.sha256()
+    for name in sorted(trainer.sparsifier.layers):
+        weight = dict(trainer.model.named_modules())[name].weight.detach().cpu().contiguous()
+        digest.update(weight.numpy().tobytes())
+    digests: list[str] = [""] * info["world_size"]
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(
+            f"the ranks ended with different sparse weights ({len(set(digests))} distinct "
+            f"digests): masks diverged across processes. Please report this with your launch "
+            f"configuration."
+        )
+    info["ranks_agree"] = True
+    return info
 
 
 def _use_eval_collator(trainer, collator) -> None:
@@ -636,6 +688,9 @@ def format_summary(s: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:.1%}" for k, v in s["sparsity_by_location"].items())
         + f" | targeted weights: {s['achieved_sparsity']:.1%} zero",
         f"verified N:M: {'PASS' if s['verified'] else 'FAIL'} ({s['layers_verified']} layers)",
+        f"processes: {s['distributed']['world_size']} ({s['distributed']['wrapper']}"
+        + (", weights identical on every rank" if s["distributed"].get("ranks_agree") else "")
+        + ")",
         f"checkpoint: {s['checkpoint']}",
         f"check again with: nmsparse verify {s['checkpoint']}",
     ]

@@ -252,3 +252,46 @@ def test_streaming_run_with_max_steps(tmp_path):
         tmp_path, CONFIGS / "vit_digits.yaml", "--streaming", "true", "--shuffle_buffer_size", "64"
     )
     assert summary["steps"] == 6 and summary["verified"]
+
+
+@pytest.mark.multiprocess
+def test_default_recipe_under_ddp_two_cpu_processes(tmp_path):
+    """`accelerate launch --config_file accelerate_configs/multi_cpu.yaml recipes/train_vit.py`:
+    two gloo processes, a DDP-wrapped model, identical sparse weights on both ranks, and a
+    checkpoint that verifies."""
+    from conftest import free_port
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    out = tmp_path / "o"
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "recipes" / "train_vit.py"),
+        str(CONFIGS / "vit_digits.yaml"),
+        "--max_steps",
+        "4",
+        "--output_dir",
+        str(out),
+        "--eval_strategy",
+        "no",
+        "--max_train_samples",
+        "128",
+        "--max_eval_samples",
+        "32",
+        "--per_device_train_batch_size",
+        "16",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "final" / "nmsparse_summary.json").read_text())
+    assert summary["distributed"] == {
+        "world_size": 2,
+        "wrapper": "DistributedDataParallel",
+        "backend": "gloo",
+        "ranks_agree": True,
+    }
+    assert summary["verified"] and verify_checkpoint(out / "final").ok
