@@ -94,9 +94,36 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- schedule
+def _recipe_keys() -> set[str]:
+    """Keys a recipe config may carry besides the sparsity ones: the fields of the recipe's
+    model, data and training arguments, and the seed's timm training keys."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from .data import DataArguments
+    from .recipe import SEED_TIMM_KEYS, ModelArguments
+
+    fields = {
+        f.name
+        for dc in (ModelArguments, DataArguments, TrainingArguments)
+        for f in dataclasses.fields(dc)
+    }
+    return fields | SEED_TIMM_KEYS
+
+
 def _load_config(path: str, ignore_unknown: bool) -> NMSparsityConfig:
+    """A sparsity config from a YAML file: ours, a recipe config (its training keys are passed
+    over), or a seed-style one; any other unknown key is an error unless ``ignore_unknown``."""
     try:
-        return NMSparsityConfig.from_yaml(path, ignore_unknown=ignore_unknown)
+        config = NMSparsityConfig.from_yaml(path, ignore_unknown=True)
+        unknown = sorted(set(config.extra) - _recipe_keys())
+        if unknown and not ignore_unknown:
+            try:  # raises, naming them with "did you mean" hints
+                NMSparsityConfig.from_dict({k: config.extra[k] for k in unknown})
+            except NMSparsityError as exc:
+                raise NMSparsityError(f"{path}: {exc}") from None
+        return config
     except NMSparsityError as exc:
         hint = (
             ""

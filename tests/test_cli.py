@@ -196,15 +196,22 @@ def test_schedule_plot_writes_a_png(seed_yaml, tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
 
-def test_schedule_full_training_yaml_needs_ignore_unknown(tmp_path, capsys):
+def test_schedule_reads_training_yamls_and_refuses_misspelt_keys(tmp_path, capsys):
+    # a full training YAML (seed timm keys or recipe keys) passes its training keys over
     path = tmp_path / "train.yaml"
     path.write_text("lr: 0.001\nepochs: 300\nn_sparsity: 2\nm_sparsity: 4\nsparsity_loc: FF\n")
-    assert main(["schedule", str(path), "--total-steps", "10"]) == 2
-    err = capsys.readouterr().err
-    assert "'lr'" in err and "--ignore-unknown" in err
-    assert main(["schedule", str(path), "--total-steps", "10", "--ignore-unknown"]) == 0
+    assert main(["schedule", str(path), "--total-steps", "10"]) == 0
     rows = table_rows(capsys.readouterr().out)
     assert rows[0] == ["sparse", "0", "2:4", "sparse", "starts"]
+    recipe = Path(__file__).parents[1] / "recipes" / "configs" / "vit_digits.yaml"
+    assert main(["schedule", str(recipe), "--total-steps", "360"]) == 0
+    capsys.readouterr()
+    # a key that is neither a sparsity nor a training key is a misspelling
+    path.write_text("lr_bse: 0.001\nn_sparsity: 2\nm_sparsity: 4\n")
+    assert main(["schedule", str(path), "--total-steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "'lr_bse'" in err and "--ignore-unknown" in err
+    assert main(["schedule", str(path), "--total-steps", "10", "--ignore-unknown"]) == 0
 
 
 def test_schedule_bad_arguments_exit_2(seed_yaml, capsys):
