@@ -614,8 +614,9 @@ def _check_ranks_agree(trainer) -> dict[str, Any]:
     if info["world_size"] < 2 or trainer.is_fsdp_enabled:  # FSDP ranks hold different shards
         return info
     digest = hashlib.sha256()
+    modules = dict(trainer.model.named_modules())
     for name in sorted(trainer.sparsifier.layers):
-        weight = dict(trainer.model.named_modules())[name].weight.detach().cpu().contiguous()
+        weight = modules[name].weight.detach().cpu().contiguous()
         digest.update(weight.numpy().tobytes())
     digests: list[str] = [""] * info["world_size"]
     dist.all_gather_object(digests, digest.hexdigest())

@@ -18,18 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import RandomImages, tiny_training_args, tiny_vit  # noqa: E402
-
-# 1:4 on FF and Q, K, V, MDGF-exp; 8 steps: dense 0-1, sparse 2-5, fine-tune 6-7
-SPARSITY = dict(
-    n_keep=1,
-    m=4,
-    locations="FF,QKV",
-    decay_type="exp",
-    decay_coef=0.2,
-    dense_fraction=0.25,
-    finetune_fraction=0.25,
-)
+from conftest import TINY_SPARSITY, RandomImages, tiny_training_args, tiny_vit  # noqa: E402
 
 
 def _dump(out: str, rank: int, evidence: dict, tensors: dict | None = None) -> None:
@@ -55,7 +44,7 @@ def run_ddp(a) -> None:
         os.path.join(a.out, "run"),
         max_steps=a.steps,
         per_device_train_batch_size=4,
-        **SPARSITY,
+        **TINY_SPARSITY,
     )
     masks: dict[str, torch.Tensor] = {}
     phases: list[str] = []
@@ -123,7 +112,7 @@ def _reference_loss(full: dict, step: int, total: int, x, y) -> float:
 
     ref = tiny_vit()
     ref.load_state_dict(full, strict=True)
-    sp = NMSparsifier(ref, NMSparsityConfig(**SPARSITY), total_steps=total)
+    sp = NMSparsifier(ref, NMSparsityConfig(**TINY_SPARSITY), total_steps=total)
     sp.update(step)
     with torch.no_grad():
         return float(ref(pixel_values=x, labels=y).loss)
@@ -145,7 +134,7 @@ def run_fsdp(a) -> None:
     torch.manual_seed(0)
     model = tiny_vit()
     full_shapes = {n: list(p.shape) for n, p in model.named_parameters()}
-    sp = NMSparsifier(model, NMSparsityConfig(**SPARSITY), total_steps=a.steps)
+    sp = NMSparsifier(model, NMSparsityConfig(**TINY_SPARSITY), total_steps=a.steps)
     modules = dict(model.named_modules())
     for layer in model.vit.layers:
         fully_shard(layer)
@@ -283,7 +272,7 @@ def _frozen_finetune_check() -> list[dict]:
     from nmsparse_hf import NMSparsifier, NMSparsityConfig, is_nm
 
     model = tiny_vit(seed=1)
-    cfg = dict(SPARSITY, dense_fraction=0.0, finetune_fraction=0.5, finetune_mask="frozen")
+    cfg = dict(TINY_SPARSITY, dense_fraction=0.0, finetune_fraction=0.5, finetune_mask="frozen")
     sp = NMSparsifier(model, NMSparsityConfig(**cfg), total_steps=4)
     modules = dict(model.named_modules())
     for layer in model.vit.layers:
@@ -343,7 +332,7 @@ def run_fsdp_trainer(a) -> None:
             "state_dict_type": "SHARDED_STATE_DICT",
             "cpu_ram_efficient_loading": False,
         },
-        **SPARSITY,
+        **TINY_SPARSITY,
     )
     trainer = NMSparseTrainer(model=model, args=args, train_dataset=RandomImages())
     trainer.train()

@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import (  # noqa: E402
+    TINY_SPARSITY,
     RandomImages,
     tiny_swin,
     tiny_swinv2,
@@ -43,15 +44,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     model = FACTORIES[a.model]()
-    sparsity = dict(
-        n_keep=1,
-        m=4,
-        locations="FF,QKV",
-        decay_type="exp",
-        decay_coef=0.2,
-        dense_fraction=0.25,
-        finetune_fraction=0.25,
-    )
+    sparsity = TINY_SPARSITY
     args = tiny_training_args(
         a.out,
         max_steps=a.max_steps,

@@ -138,3 +138,15 @@ def tiny_training_args(output_dir, **overrides):
     )
     values.update(overrides)
     return SparseTrainingArguments(**values)
+
+
+# 1:4 on FF and Q, K, V with MDGF-exp; over 8 steps: dense 0-1, sparse 2-5, fine-tune 6-7
+TINY_SPARSITY = dict(
+    n_keep=1,
+    m=4,
+    locations="FF,QKV",
+    decay_type="exp",
+    decay_coef=0.2,
+    dense_fraction=0.25,
+    finetune_fraction=0.25,
+)

@@ -175,10 +175,8 @@ def _torchrun(out: Path, *extra: str) -> float:
     return _launch(cmd, out)
 
 
-# ---------------------------------------------------------------------------- DDP
-@pytest.mark.multiprocess
-def test_ddp_two_gloo_processes_nmsparse_trainer(tmp_path):
-    out = tmp_path / "ddp"
+def _accelerate_launch(mode: str, out: Path) -> float:
+    """Two gloo processes through `accelerate launch` with multi_cpu.yaml, running the worker."""
     out.mkdir()
     cmd = [
         str(BIN / "accelerate"),
@@ -188,10 +186,17 @@ def test_ddp_two_gloo_processes_nmsparse_trainer(tmp_path):
         "--main_process_port",
         str(free_port()),
         str(WORKER),
-        "ddp",
+        mode,
         str(out),
     ]
-    elapsed = _launch(cmd, out)
+    return _launch(cmd, out)
+
+
+# ---------------------------------------------------------------------------- DDP
+@pytest.mark.multiprocess
+def test_ddp_two_gloo_processes_nmsparse_trainer(tmp_path):
+    out = tmp_path / "ddp"
+    elapsed = _accelerate_launch("ddp", out)
     ranks = _evidence(out)
     assert sorted(e["rank"] for e in ranks) == [0, 1]
     for e in ranks:
@@ -304,19 +309,7 @@ def test_fsdp2_nmsparse_trainer_through_accelerate(tmp_path):
     """NMSparseTrainer with fsdp_version 2 under `accelerate launch` (two gloo processes), with the
     test-only shim that keeps accelerate from turning FSDP into DDP on CPU."""
     out = tmp_path / "fsdp_trainer"
-    out.mkdir()
-    cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        str(CONFIGS / "multi_cpu.yaml"),
-        "--main_process_port",
-        str(free_port()),
-        str(WORKER),
-        "fsdp-trainer",
-        str(out),
-    ]
-    elapsed = _launch(cmd, out)
+    elapsed = _accelerate_launch("fsdp-trainer", out)
     ranks = _evidence(out)
     assert sorted(e["rank"] for e in ranks) == [0, 1]
     for e in ranks:
