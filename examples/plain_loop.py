@@ -88,6 +88,7 @@ def main(epochs: int = 12, batch_size: int = 64, lr: float = 3e-3, seed: int = 0
         f"{config.recipe_name} {config.n_keep}:{config.m} FF: held-out accuracy "
         f"{accuracy:.3f} after {total_steps} steps (chance 0.100)"
     )
+    accelerator.end_training()  # destroys the process group when launched on several processes
     return {"accuracy": accuracy, "report": report}
 
 

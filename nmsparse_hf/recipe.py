@@ -587,11 +587,17 @@ def run(argv: list[str] | None = None, family: str = "vit") -> dict[str, Any]:
     final_dir = os.path.join(args.output_dir, "final")
     trainer.save_model(final_dir)
     summary: dict[str, Any] = {}
+    report = None
     if trainer.args.should_save:
         report = verify_checkpoint(final_dir)
         summary = _summary(trainer, metrics, final_dir, report, time.time() - start, notes)
         summary["distributed"] = distributed
         print(format_summary(summary), flush=True)
+    # No collective runs after this point. Tear the process group down on every rank before
+    # returning: a gloo group left to interpreter shutdown can abort the process ("terminate
+    # called without an active exception", pytorch/pytorch#190489). Also closes trackers.
+    trainer.accelerator.end_training()
+    if report is not None:
         report.raise_if_failed()
         with open(os.path.join(final_dir, "nmsparse_summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)

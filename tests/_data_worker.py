@@ -102,6 +102,9 @@ def main() -> None:
         path = os.path.join(cli.out, f"{mode}-rank{record['rank']}.json")
         with open(path, "w") as f:
             json.dump(record, f)
+    # every rank, after the last collective: gloo left to interpreter shutdown can abort
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -387,6 +387,11 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     torch.set_num_threads(1)
     {"ddp": run_ddp, "fsdp": run_fsdp, "fsdp-trainer": run_fsdp_trainer}[a.mode](a)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # gloo left to interpreter shutdown can abort the process
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
