@@ -13,11 +13,17 @@ ratios of medians.
   mask update). Target: ao.step / nm_mask >= 5.
 * ``ao.setup``: ``prepare()`` on a fresh Linear (registers the parametrization), reported
   separately: it is paid once per training run, not per step.
+* ``compiled``: ``torch.compile(nm_mask)`` (inductor), which is what a model under
+  ``torch.compile`` (or ``TrainingArguments(torch_compile=True)``) runs: M <= 8 counts pairwise in
+  one fused pass, longer groups call the eager kernel as one op. Checked equal to the eager mask
+  before timing; compile time is reported and not timed. ``--no-compile`` leaves it out (inductor
+  on CPU needs a C++ compiler).
 
 Before timing, the script asserts that torch.ao's first mask equals ours on every group without a
 tie at the keep/prune boundary (torch.ao ranks by w*w and breaks ties arbitrarily).
 
     python bench/mask_kernel.py --repeats 30 --threads 1
+    python bench/mask_kernel.py --repeats 30 --threads 1 --no-compile
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import statistics
 import time
 
 import torch
+import torch._dynamo
 from torch import nn
 from torch.ao.pruning import WeightNormSparsifier
 
@@ -85,7 +92,9 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_case(weight: torch.Tensor, n: int, m: int, repeats: int) -> dict[str, float]:
+def bench_case(
+    weight: torch.Tensor, n: int, m: int, repeats: int, compiled=None
+) -> dict[str, float]:
     """Median seconds of each variant, measured round-robin."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
@@ -98,6 +107,8 @@ def bench_case(weight: torch.Tensor, n: int, m: int, repeats: int) -> dict[str, 
         "ao.step": sparsifier.step,
         "ao.setup": lambda: ao_sparsifier(copy.deepcopy(fresh), n, m),
     }
+    if compiled is not None:
+        variants["compiled"] = lambda: compiled(weight, n, m, "row")
     for fn in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -117,8 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--patterns", nargs="+", default=[f"{n}:{m}" for n, m in PATTERNS], help="N:M, N kept"
     )
+    parser.add_argument(
+        "--no-compile", action="store_true", help="leave out the torch.compile'd nm_mask column"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    compiled = None
+    if not args.no_compile:
+        torch._dynamo.config.cache_size_limit = 64  # one graph per (shape, N, M)
+        compiled = torch.compile(nm_mask, fullgraph=True, dynamic=False)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
     print("baseline elementwise pass: w.abs() (reads w, writes a new fp32 tensor)")
@@ -127,6 +145,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{'ao.setup ms':>11} {'mask/abs':>8} {'ao.step/mask':>12} {'ao.setup/mask':>13} "
         f"{'tie-free groups':>15}"
     )
+    if compiled is not None:
+        header += (
+            f" {'compiled ms':>11} {'compiled/abs':>12} {'ao.step/compiled':>16} {'compile s':>9}"
+        )
     print(header)
     print("-" * len(header))
     for shape_text in args.shapes:
@@ -135,14 +157,29 @@ def main(argv: list[str] | None = None) -> None:
         for pattern in args.patterns:
             n, m = (int(v) for v in pattern.split(":"))
             free, total = check_same_mask(weight, n, m)
-            t = bench_case(weight, n, m, args.repeats)
+            compile_s = 0.0
+            if compiled is not None:
+                start = time.perf_counter()
+                same = torch.equal(compiled(weight, n, m, "row"), nm_mask(weight, n, m, "row"))
+                compile_s = time.perf_counter() - start
+                assert same, f"compiled mask differs from the eager one at {shape_text} {pattern}"
+            t = bench_case(weight, n, m, args.repeats, compiled)
+            extra = ""
+            if compiled is not None:
+                extra = (
+                    f" {t['compiled'] * 1e3:11.2f} {t['compiled'] / t['abs']:12.2f}"
+                    f" {t['ao.step'] / t['compiled']:16.2f} {compile_s:9.1f}"
+                )
             print(
                 f"{shape_text:>10} {pattern:>5} {t['nm_mask'] * 1e3:10.2f} {t['abs'] * 1e3:7.2f} "
                 f"{t['ao.step'] * 1e3:10.2f} {t['ao.setup'] * 1e3:11.2f} "
                 f"{t['nm_mask'] / t['abs']:8.2f} {t['ao.step'] / t['nm_mask']:12.2f} "
-                f"{t['ao.setup'] / t['nm_mask']:13.2f} {f'{free}/{total}':>15}"
+                f"{t['ao.setup'] / t['nm_mask']:13.2f} {f'{free}/{total}':>15}" + extra
             )
-    print("targets: mask/abs <= 4, ao.step/mask >= 5 (ao.setup is a one-off cost, not per step)")
+    print(
+        "targets: mask/abs <= 4, ao.step/mask >= 5 (ao.setup is a one-off cost, not per step); "
+        "compiled: the same targets for torch.compile'd models"
+    )
 
 
 if __name__ == "__main__":

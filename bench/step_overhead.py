@@ -14,7 +14,12 @@ parameters excluded since they exist anyway) -- the activation memory, which is 
 forward adds anything -- and, as a second figure, that plus the fixed training state (parameters,
 gradients, two AdamW moments).
 
+``--compile`` runs every variant (dense included) through ``torch.compile`` (inductor), as
+``TrainingArguments(torch_compile=True)`` would; the warm-up steps then include compilation, and
+the memory columns are left out (autograd's saved-tensor hooks do not see inside a compiled graph).
+
     python bench/step_overhead.py --batch 8 --repeats 5
+    python bench/step_overhead.py --batch 8 --repeats 5 --compile --warmup 2
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import time
 import types
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 
@@ -89,9 +95,11 @@ class Variant:
         recipe: dict | None,
         total_steps: int,
         unfused: bool = False,
+        compile: bool = False,
     ):
         self.name = name
         self.model = copy.deepcopy(base).train()
+        self.compile = compile
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.sparsifier = None
         if recipe is not None:
@@ -103,6 +111,8 @@ class Variant:
                         target.module.forward = types.MethodType(
                             _unfused_linear_forward, target.module
                         )
+        # attach first, then compile (the sparsifier's forwards trace into the graph)
+        self.forward = torch.compile(self.model) if compile else self.model
         self.times: list[float] = []
         self.saved: list[int] = []
         self.state_bytes = 0
@@ -113,8 +123,11 @@ class Variant:
         if self.sparsifier is not None:
             plan = self.sparsifier.update(step)
             assert plan.phase == "sparse", plan
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-            loss = self.model(pixel_values=pixels, labels=labels).loss
+        if self.compile:
+            loss = self.forward(pixel_values=pixels, labels=labels).loss
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+                loss = self.forward(pixel_values=pixels, labels=labels).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -141,13 +154,26 @@ def main(argv: list[str] | None = None) -> None:
         help="run the sparse Linears as before the fused SparseLinear: F.linear on W~ from "
         "EffectiveWeight (saves W~ for backward), to compare",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every variant (dense too); time only, warm-up includes compilation",
+    )
     args = parser.parse_args(argv)
+    if args.compile and args.unfused:
+        parser.error("--compile and --unfused measure different things; pick one")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:
+        # every variant is a copy of the same classes, so they share dynamo's per-code cache; in a
+        # real run one model compiles once per distinct phase/pattern (see tests/test_sparsifier)
+        torch._dynamo.config.recompile_limit = 64
     names = ["dense"] + [r for r in args.recipes if r != "dense"]
     base = build_model(args.vit_b, args.layers, args.image_size)
     total_steps = 100_000
-    variants = [Variant(n, base, RECIPES[n], total_steps, args.unfused) for n in names]
+    variants = [
+        Variant(n, base, RECIPES[n], total_steps, args.unfused, args.compile) for n in names
+    ]
     generator = torch.Generator().manual_seed(0)
     size = args.image_size
     pixels = torch.randn(args.batch, 3, size, size, generator=generator)
@@ -158,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         f"FF 2:4 row, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"{args.warmup} warm-up + {args.repeats} timed steps per variant, round-robin"
         + (", UNFUSED sparse Linear (F.linear on W~)" if args.unfused else "")
+        + (", torch.compile (inductor)" if args.compile else "")
     )
     for step in range(args.warmup + args.repeats):
         for variant in variants:
@@ -178,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     for v in variants:
+        if args.compile:
+            print(f"{v.name:>9} {med_time(v) * 1e3:9.1f} {med_time(v) / med_time(dense):10.3f}")
+            continue
         total = (med_saved(v) + v.state_bytes) / (med_saved(dense) + dense.state_bytes)
         print(
             f"{v.name:>9} {med_time(v) * 1e3:9.1f} {med_time(v) / med_time(dense):10.3f} "

@@ -12,6 +12,8 @@ A group never spans two rows (or columns): M must divide the grouped dimension.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import NMSparsityError
@@ -53,6 +55,9 @@ def _grouped(weight: torch.Tensor, m: int, dim: str) -> tuple[torch.Tensor, tupl
     return moved.reshape(-1, m), tuple(moved.shape)
 
 
+PAIRWISE_MAX_M = 8  # compiled masks count pairwise up to this M (M^2 unrolled comparisons)
+
+
 def _group_view(weight: torch.Tensor, m: int, dim: str) -> torch.Tensor:
     """``weight`` as a ``[P, m, Q]`` view (no copy for a contiguous weight) whose dimension 1 runs
     along one group: ``Q == 1`` for ``row`` Linear weights, ``Q`` = the trailing size otherwise."""
@@ -92,9 +97,26 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: str = "row") -> torch.Ten
         magnitude = weight.detach().abs()
         if magnitude.dtype not in (torch.float32, torch.float64):
             magnitude = magnitude.float()
-        groups = _group_view(magnitude, m, dim)
-        keep = _topn_stable(groups, n)
-        return keep.reshape(weight.shape)
+        if torch.compiler.is_compiling():
+            # traced: no data-dependent branch (it would break the graph). Small groups count
+            # pairwise, which inductor fuses into one pass; longer ones run the eager kernel
+            # below as one opaque op (inductor's code for short top-k reductions is slower).
+            if m <= PAIRWISE_MAX_M:
+                return _topn_pairwise(_group_view(magnitude, m, dim), n).reshape(weight.shape)
+            return _eager_nm_mask(magnitude, n, m, dim)
+        return _eager_nm_mask(magnitude, n, m, dim)
+
+
+@torch.library.custom_op("nmsparse_hf::nm_mask", mutates_args=())
+def _eager_nm_mask(magnitude: torch.Tensor, n: int, m: int, dim: str) -> torch.Tensor:
+    """The mask of a non-negative float32/64 ``magnitude`` by the eager kernel (`_topn_stable`).
+    A custom op so that `torch.compile` calls it as one node instead of tracing its branches."""
+    return _topn_stable(_group_view(magnitude, m, dim), n).reshape(magnitude.shape)
+
+
+@_eager_nm_mask.register_fake
+def _(magnitude: torch.Tensor, n: int, m: int, dim: str) -> torch.Tensor:
+    return torch.empty_like(magnitude, dtype=torch.bool)
 
 
 def _nth_largest(groups: torch.Tensor, n: int) -> tuple[torch.Tensor, bool | None]:
@@ -131,11 +153,6 @@ def _topn_stable(groups: torch.Tensor, n: int) -> torch.Tensor:
     is repeated). One global count (or the (n+1)-th largest, where it is cheap) tells whether that
     happened anywhere; only such groups go through the exact tie-breaking of `_topn_stable_rows`.
     """
-    if torch.compiler.is_compiling():
-        # traced: no data-dependent branch (it would break the graph); always the exact path
-        p, m, q = groups.shape
-        rows = groups.transpose(1, 2).reshape(-1, m)
-        return _topn_stable_rows(rows, n).reshape(p, q, m).transpose(1, 2)
     if n == groups.shape[1] - 1:
         # prune the single smallest: exact unless a group's minimum is repeated
         keep = groups > groups.amin(dim=1, keepdim=True)
@@ -153,15 +170,47 @@ def _topn_stable(groups: torch.Tensor, n: int) -> torch.Tensor:
     return keep
 
 
+def _topn_pairwise(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """`_topn_stable` by counting, for each entry, the entries of its group that outrank it
+    (larger, or equal at a lower index); kept when fewer than n do. m(m-1) comparisons per group
+    of elementwise ops over ``[P, Q]`` slices, no reduction and no data-dependent branch: under
+    `torch.compile` they fuse into one pass over the weight (2:4 measured about 3x one `w.abs()`
+    on CPU, against about 12x for the eager path; see docs/BENCHMARKS.md). Used for m <= 8."""
+    keys = _order_keys(groups).unbind(dim=1)
+    m = len(keys)
+    keep = []
+    for i in range(m):
+        beats = [keys[j] >= keys[i] if j < i else keys[j] > keys[i] for j in range(m) if j != i]
+        if n == 1:  # kept when nothing outranks it (and-chains are cheaper than counting)
+            keep.append(~functools.reduce(torch.logical_or, beats))
+        elif n == m - 1:  # pruned when everything outranks it
+            keep.append(~functools.reduce(torch.logical_and, beats))
+        else:
+            count = functools.reduce(torch.add, [b.to(torch.int32) for b in beats])
+            keep.append(count < n)
+    return torch.stack(keep, dim=1)
+
+
 def _topn_stable_rows(groups: torch.Tensor, n: int) -> torch.Tensor:
     """`_topn_stable` for ``[G, m]`` rows, exact for any ties (NaN aside): the n-th largest value
     ``t`` of each row comes from ``topk``; everything strictly above ``t`` is kept, and the
     remaining slots go to the entries equal to ``t`` in index order."""
-    kth = groups.topk(n, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
-    above = groups > kth
-    equal = groups == kth
+    keys = _order_keys(groups)
+    kth = keys.topk(n, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = keys > kth
+    equal = keys == kth
     need = n - above.sum(dim=-1, keepdim=True)
     return above | (equal & (equal.cumsum(dim=-1) <= need))
+
+
+def _order_keys(magnitude: torch.Tensor) -> torch.Tensor:
+    """Integer keys ordered like ``magnitude`` (float32/64, sign bit clear), NaN above +inf.
+
+    The bits of a non-negative IEEE float, read as a signed integer of the same width, increase
+    with its value, and a NaN's bits lie above +inf's; so the keys give a total order that matches
+    `topk` (which ranks NaN largest) and make equality exact, where float comparisons with NaN are
+    all false. A free view, no copy."""
+    return magnitude.view(torch.int32 if magnitude.dtype == torch.float32 else torch.int64)
 
 
 def is_nm(weight: torch.Tensor, n: int, m: int, dim: str = "row") -> bool:

@@ -7,7 +7,9 @@ sort by descending magnitude, so ties go to the lower index).
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -337,3 +339,72 @@ def test_is_nm_col_and_masked_weights():
     assert not is_nm(w * nm_mask(w, 2, 4, "col"), 2, 4, "row")
     with pytest.raises(NMSparsityError, match=r"\(16, 8\)"):
         is_nm(w, 1, 32, "col")
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN/inf, and the compiled path (what a torch.compile'd model runs)
+
+
+def test_nan_and_inf_rank_above_every_finite_weight_and_still_keep_exactly_n():
+    nan, inf = float("nan"), float("inf")
+    weight = torch.tensor(
+        [
+            [nan, 1.0, nan, 2.0, -inf, 1.0, nan, 0.0],  # nan and inf beat finite; nan beats inf
+            [0.5, nan, -nan, nan, inf, -inf, 3.0, inf],  # equal keys: the lower index wins
+        ]
+    )
+    expected = _mask(
+        [
+            [T, F, T, F, T, F, T, F],
+            [F, T, T, F, T, T, F, F],
+        ]
+    )
+    assert torch.equal(nm_mask(weight, 2, 4), expected)
+    assert torch.equal(nm_mask(weight.double(), 2, 4), expected)
+    assert int(nm_mask(weight, 1, 8).sum()) == 2  # one per group whatever the NaNs
+
+
+def _tie_heavy(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-3, 4, shape, generator=g).float()
+    flat = weight.view(-1)
+    flat[:7] = float("nan")
+    flat[9:13] = float("inf")
+    flat[20:24] = float("-inf")
+    return weight
+
+
+COMPILED_CASES = [(2, 4), (1, 4), (3, 4), (1, 8), (4, 8), (7, 8), (1, 16)]
+
+
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("clang++") or os.environ.get("CXX")),
+    reason="torch.compile (inductor) on CPU needs a C++ compiler; none found on PATH",
+)
+@pytest.mark.parametrize(("n", "m"), COMPILED_CASES)
+def test_compiled_mask_equals_eager(n, m):
+    """Under torch.compile (inductor, the default backend) M <= 8 takes the pairwise-count path and
+    longer groups the eager kernel as a custom op; both must give the eager mask bit for bit, also
+    with ties, NaN and +-inf, for row and col grouping and for conv weights."""
+    torch._dynamo.reset()
+    compiled = torch.compile(nm_mask, fullgraph=True, dynamic=False)
+    cases = [
+        (torch.randn(48, 64), "row"),
+        (_tie_heavy((48, 64), 1), "row"),
+        (_tie_heavy((64, 48), 2), "col"),
+        (_tie_heavy((16, 32, 3, 3), 3), "row"),
+        (_tie_heavy((48, 64), 4).bfloat16(), "row"),
+    ]
+    for weight, dim in cases:
+        expected = nm_mask(weight, n, m, dim)
+        assert torch.equal(compiled(weight, n, m, dim), expected), (n, m, dim, weight.shape)
+    torch._dynamo.reset()
+
+
+def test_compiled_masks_trace_without_graph_breaks():
+    """Both compiled paths (pairwise for M <= 8, the custom op above) stay in one graph."""
+    torch._dynamo.reset()
+    for n, m in ((2, 4), (1, 32)):
+        explained = torch._dynamo.explain(nm_mask)(torch.randn(8, 64), n, m)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (n, m)
+    torch._dynamo.reset()

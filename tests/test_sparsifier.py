@@ -366,3 +366,40 @@ def test_no_graph_break_comes_from_nmsparse_hf():
     ]
     assert ours == []
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"decay_type": "exp", "decay_coef": 0.1},
+        {"structure_decay": True, "structure_decay_type": "sparsify"},
+        {"sparsity_type": "srste"},
+    ],
+    ids=["MDGF-exp", "SDGF", "SR-STE"],
+)
+def test_torch_compile_recompiles_per_distinct_plan_not_per_step(batch, recipe):
+    """A compiled model is re-traced when the phase or a pattern changes, never because alpha
+    moved: MDGF's alpha changes every step and must not cost a compile per step."""
+    from torch._dynamo.utils import counters
+
+    x, y = batch
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_vit()
+    config = NMSparsityConfig(n_keep=1, m=8, dense_fraction=0.2, finetune_fraction=0.2, **recipe)
+    sp = NMSparsifier(model, config, total_steps=20)
+    run = torch.compile(model, backend="eager")
+    plans = set()
+    alphas = set()
+    for step in range(20):
+        plan = sp.update(step)
+        plans.add((plan.phase, tuple(sorted(plan.patterns.items()))))
+        alphas.add(plan.alpha)
+        run(pixel_values=x, labels=y).loss.backward()
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert len(plans) >= 3  # dense, sparse (SDGF: several stages), finetune
+    if "decay_type" in recipe:
+        assert len(alphas) > 10  # alpha really moved every sparse step
+    # one graph per distinct plan; MDGF's first sparse step also turns alpha from 0.0 to a tensor
+    assert graphs <= len(plans) + 1, (graphs, plans)
