@@ -155,6 +155,33 @@ def test_trainer_trains_finalizes_and_saves_a_sparse_checkpoint(factory, tmp_pat
     assert verify_nm(reloaded).ok  # from the nm_sparsity metadata on the reloaded config
 
 
+def test_torch_compile_true_trains_like_eager_and_saves_a_sparse_checkpoint(tmp_path):
+    """`torch_compile=True`: the Trainer compiles the model after NMSparseTrainer attached the
+    sparsifier, so masks and schedule run inside the compiled graph (aot_eager here: the same
+    tracing as inductor, no C++ compiler needed). Same weights as an eager run, same checkpoint."""
+    from conftest import TINY_SPARSITY
+
+    from nmsparse_hf.hub import verify_checkpoint
+
+    finals = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        extra = {"torch_compile": True, "torch_compile_backend": "aot_eager"} if compiled else {}
+        trainer, out = _train_and_save(
+            tiny_vit(), tmp_path / str(compiled), **TINY_SPARSITY, **extra
+        )
+        if compiled:
+            assert type(trainer.model_wrapped).__name__ == "OptimizedModule"  # really compiled
+            assert verify_checkpoint(out).ok
+            keys = load_file(out / "model.safetensors").keys()
+            assert not any("_orig_mod" in k for k in keys)  # saved unwrapped
+        finals[compiled] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    torch._dynamo.reset()
+    assert finals[True].keys() == finals[False].keys()
+    for name, value in finals[False].items():
+        torch.testing.assert_close(finals[True][name], value, msg=name, rtol=1e-4, atol=1e-5)
+
+
 def test_logs_carry_phase_alpha_pattern_sparsity_and_flip_rate(tmp_path):
     trainer, _ = _train_and_save(
         tiny_vit(),
