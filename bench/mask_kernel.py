@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import shutil
 import statistics
 import time
 
@@ -134,7 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     compiled = None
-    if not args.no_compile:
+    has_compiler = any(shutil.which(c) for c in ("g++", "clang++", os.environ.get("CXX", "")) if c)
+    if not args.no_compile and not has_compiler:
+        print("no C++ compiler on PATH (inductor needs one on CPU): compiled columns left out")
+    elif not args.no_compile:
         torch._dynamo.config.cache_size_limit = 64  # one graph per (shape, N, M)
         compiled = torch.compile(nm_mask, fullgraph=True, dynamic=False)
     torch.manual_seed(0)
