@@ -138,8 +138,10 @@ def _nth_largest(groups: torch.Tensor, n: int) -> tuple[torch.Tensor, bool | Non
         a, b, c, d = groups.unbind(dim=1)
         high = torch.minimum(torch.maximum(a, b), torch.maximum(c, d))
         low = torch.maximum(torch.minimum(a, b), torch.minimum(c, d))
-        # ``not >`` also flags NaN, which then takes the exact path like a tie
-        return torch.maximum(high, low).unsqueeze(1), not bool((high > low).all())
+        # {high, low} = {2nd, 3rd} in either order. ``not >`` also flags NaN (maximum and minimum
+        # propagate it), which then takes the exact path like a tie.
+        second, third = torch.maximum(high, low), torch.minimum(high, low)
+        return second.unsqueeze(1), not bool((second > third).all())
     kth = groups.topk(n, dim=1, largest=True, sorted=False).values.amin(dim=1, keepdim=True)
     return kth, None
 

@@ -408,3 +408,18 @@ def test_compiled_masks_trace_without_graph_breaks():
         explained = torch._dynamo.explain(nm_mask)(torch.randn(8, 64), n, m)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), (n, m)
     torch._dynamo.reset()
+
+
+def test_2_4_network_finds_no_tie_in_a_tie_free_weight():
+    """The 2:4 fast path decides ties from its own 2nd/3rd largest: on a weight with no tie at any
+    group's keep/prune boundary it must say so, or every call falls back to the slow exact path
+    (session 1 compared high > low, true for only some orderings, and took that path ~always)."""
+    from nmsparse_hf.masks import _group_view, _nth_largest
+
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    kth, tied = _nth_largest(_group_view(weight.abs(), 4, "row"), 2)
+    assert tied is False
+    expected = weight.abs().reshape(-1, 4).sort(dim=1, descending=True).values[:, 1]
+    assert torch.equal(kth.reshape(-1), expected)
+    weight.view(-1)[:4] = torch.tensor([5.0, -1.0, 1.0, 0.0])  # 2nd == 3rd in one group: seen
+    assert _nth_largest(_group_view(weight.abs(), 4, "row"), 2)[1] is True
