@@ -526,6 +526,8 @@ def _explicit_flags(argv: list[str]) -> list[str]:
 # ------------------------------------------------------------------ the run
 def run(argv: list[str] | None = None, family: str = "vit") -> dict[str, Any]:
     """Parse, build, train, finalize, save, verify, summarise. Returns the summary dict."""
+    from transformers import enable_full_determinism, set_seed
+
     from .data import (
         MixupCollator,
         collate_fn,
@@ -542,6 +544,12 @@ def run(argv: list[str] | None = None, family: str = "vit") -> dict[str, Any]:
     model_args, data_args, args, notes = parse_args(argv, family)
     require_max_steps(data_args.streaming, args.max_steps)
     start = time.time()
+    # Seed before the model is built: a from-scratch model takes its initial weights from the
+    # global RNG, and the Trainer only seeds in its own __init__, after the model exists.
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
 
     train_raw, eval_raw, label_names = load_image_dataset(data_args)
     num_labels = len(label_names) if label_names else data_args.num_labels
