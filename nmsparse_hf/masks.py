@@ -97,13 +97,12 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: str = "row") -> torch.Ten
         magnitude = weight.detach().abs()
         if magnitude.dtype not in (torch.float32, torch.float64):
             magnitude = magnitude.float()
-        if torch.compiler.is_compiling():
-            # traced: no data-dependent branch (it would break the graph). Small groups count
-            # pairwise, which inductor fuses into one pass; longer ones run the eager kernel
-            # below as one opaque op (inductor's code for short top-k reductions is slower).
-            if m <= PAIRWISE_MAX_M:
-                return _topn_pairwise(_group_view(magnitude, m, dim), n).reshape(weight.shape)
-            return _eager_nm_mask(magnitude, n, m, dim)
+        if torch.compiler.is_compiling() and m <= PAIRWISE_MAX_M:
+            # traced: small groups count pairwise, with no data-dependent branch (it would break
+            # the graph), and inductor fuses that into one pass. Longer groups, traced or not, run
+            # the eager kernel, which is a custom op: one opaque node in a graph (inductor's own
+            # code for short top-k reductions is slower than it).
+            return _topn_pairwise(_group_view(magnitude, m, dim), n).reshape(weight.shape)
         return _eager_nm_mask(magnitude, n, m, dim)
 
 
@@ -176,8 +175,8 @@ def _topn_pairwise(groups: torch.Tensor, n: int) -> torch.Tensor:
     """`_topn_stable` by counting, for each entry, the entries of its group that outrank it
     (larger, or equal at a lower index); kept when fewer than n do. m(m-1) comparisons per group
     of elementwise ops over ``[P, Q]`` slices, no reduction and no data-dependent branch: under
-    `torch.compile` they fuse into one pass over the weight (2:4 measured about 3x one `w.abs()`
-    on CPU, against about 12x for the eager path; see docs/BENCHMARKS.md). Used for m <= 8."""
+    `torch.compile` they fuse into one pass over the weight (2:4 measured 3-4x one `w.abs()` on
+    CPU, against about 10x for the eager path; see docs/BENCHMARKS.md). Used for m <= 8."""
     keys = _order_keys(groups).unbind(dim=1)
     m = len(keys)
     keep = []
@@ -194,9 +193,9 @@ def _topn_pairwise(groups: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _topn_stable_rows(groups: torch.Tensor, n: int) -> torch.Tensor:
-    """`_topn_stable` for ``[G, m]`` rows, exact for any ties (NaN aside): the n-th largest value
-    ``t`` of each row comes from ``topk``; everything strictly above ``t`` is kept, and the
-    remaining slots go to the entries equal to ``t`` in index order."""
+    """`_topn_stable` for ``[G, m]`` rows, exact for any ties (NaN and inf included): the n-th
+    largest key ``t`` of each row comes from ``topk``; everything strictly above ``t`` is kept,
+    and the remaining slots go to the entries equal to ``t`` in index order."""
     keys = _order_keys(groups)
     kth = keys.topk(n, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
     above = keys > kth
