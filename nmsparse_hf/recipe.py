@@ -448,12 +448,20 @@ def seed_yaml_to_args(data: dict, world_size: int = 1) -> tuple[dict, list[str]]
 
 
 # ------------------------------------------------------------------ argument parsing
+# Flags that choose what to train on: without a config file they start a run from the argument
+# classes' defaults instead of layering on the embedded digits default.
+SOURCE_FLAGS = {"model_name_or_path", "model_config", "dataset_name", "data_dir"}
+
+
 def parse_args(argv: list[str] | None, family: str):
     """(model_args, data_args, training_args, notes) from flags or a YAML/JSON file.
 
     With no arguments at all, the embedded default recipe of the family runs
     (``recipes/configs/<family>_digits.yaml``). A single ``.yaml``/``.yml``/``.json`` path is read
-    as a config file (ours or the seed's); flags after it override its values.
+    as a config file (ours or the seed's); flags after it override its values. Flags without a
+    file apply on top of the embedded default too (``--seed 1`` is the default run with seed 1),
+    unless they choose a model or a dataset (`SOURCE_FLAGS`): then they start from the argument
+    classes' own defaults, as in the transformers example scripts.
     """
     from transformers import HfArgumentParser
 
@@ -464,10 +472,15 @@ def parse_args(argv: list[str] | None, family: str):
     argv = list(sys.argv[1:] if argv is None else argv)
     notes: list[str] = []
     cpu_only = not _has_accelerator()
+    default = RECIPES_DIR / f"{family}_digits.yaml"
     if not argv:
-        default = RECIPES_DIR / f"{family}_digits.yaml"
         notes.append(f"no arguments: running the embedded default {default.name}")
         argv = [str(default)]
+    elif not argv[0].endswith((".yaml", ".yml", ".json")) and not (
+        SOURCE_FLAGS & set(_explicit_flags(argv))
+    ):
+        notes.append(f"no config file: flags applied on top of the embedded default {default.name}")
+        argv = [str(default), *argv]
     if argv[0].endswith((".yaml", ".yml", ".json")):
         path = Path(argv[0])
         if not path.is_file():

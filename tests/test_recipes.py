@@ -36,6 +36,33 @@ def test_no_arguments_means_the_embedded_default():
     assert (cfg.n_keep, cfg.m, cfg.recipe_name) == (1, 8, "MDGF-exp")
 
 
+def test_flags_without_a_file_tweak_the_embedded_default(tmp_path):
+    """`train_vit.py --seed 1` is the default run with seed 1, not a run from the argument
+    classes' defaults (TrainingArguments' lr 5e-5 and 3 epochs learn nothing here)."""
+    _, data_args, default, _ = parse_args([], "vit")
+    model_args, data_args, args, notes = parse_args(
+        ["--seed", "1", "--output_dir", str(tmp_path)], "vit"
+    )
+    assert "flags applied on top of the embedded default vit_digits.yaml" in notes[0]
+    assert model_args.model_config == "vit-digits" and data_args.source == "digits"
+    assert (args.seed, args.output_dir) == (1, str(tmp_path))
+    assert (args.learning_rate, args.num_train_epochs) == (
+        default.learning_rate,
+        default.num_train_epochs,
+    )
+    assert args.sparsity_config() == default.sparsity_config()
+
+
+def test_flags_choosing_a_model_or_dataset_start_from_the_defaults(tmp_path):
+    model_args, data_args, args, notes = parse_args(
+        ["--model_config", "vit-s16", "--output_dir", str(tmp_path), "--data_dir", str(tmp_path)],
+        "vit",
+    )
+    assert not any("embedded default" in n for n in notes)
+    assert model_args.model_config == "vit-s16" and data_args.data_dir == str(tmp_path)
+    assert args.learning_rate == 5e-5  # TrainingArguments' own default, not the digits recipe's
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_parses(path):
     # GPU recipes ask for bf16, which TrainingArguments accepts on this CPU-only machine only
