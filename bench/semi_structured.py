@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     from transformers import ViTConfig, ViTForImageClassification
 
     from nmsparse_hf import NMSparsifier, NMSparsityConfig
-    from nmsparse_hf.kernels import cuda_semi_structured_available, to_semi_structured
+    from nmsparse_hf.export.inference import cuda_semi_structured_available, to_semi_structured
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vit-b", action="store_true", help="ViT-B/16 instead of ViT-S/16")

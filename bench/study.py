@@ -6,10 +6,10 @@ no network). Every (recipe, pattern) runs under an **equal budget** for a given 
 initial weights, the same split and batch order, the same optimizer (AdamW), learning rate and
 cosine schedule, the same number of steps. Sparsity is on the feed-forward layers (``FF``, row
 grouping); no dense warm-up and no fine-tune phase, so every sparse recipe spends the whole run
-under its own schedule (SPEC §4) and is evaluated as exported: ``finalize()`` bakes
+under its own schedule (docs/METHOD.md §5) and is evaluated as exported: ``finalize()`` bakes
 W ⊙ Φ(W; N, M) into the weights before the held-out pass.
 
-Recipes (SPEC §4):
+Recipes (docs/METHOD.md §4):
 
 * ``dense``: no mask. Its runs do not depend on the pattern, so it runs once per seed and is
   shown as the reference in every pattern's column.

@@ -1,10 +1,24 @@
 """nmsparse_hf: N:M structured-sparsity training (SR-STE, MDGF, SDGF) for Hugging Face models.
 
-The core (config, masks, schedule, autograd, targets, sparsifier) imports no transformers; the
-Trainer integration lives in `nmsparse_hf.trainer` and is imported lazily.
+The layout follows the job each part does:
+
+* the core (`config`, `masks`, `schedule`, `autograd`, `targets`, `sparsifier`) imports no
+  transformers and works in any PyTorch loop;
+* `integrations`: `SparseTrainingArguments`, `NMSparsityCallback`, `NMSparseTrainer`;
+* `export`: the one sparse-checkpoint save path, its metadata, verify, model card, Hub push;
+* `data`: image datasets, transforms, collators and metrics of the recipes;
+* `recipes`: the training scripts' front ends and their shipped configs;
+* `cli`: the ``nmsparse`` command.
+
+``import nmsparse_hf`` stays light: the Trainer integration and the export tools are imported
+lazily (PEP 562) the first time one of their names is used, e.g.
+``from nmsparse_hf import NMSparseTrainer``.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .autograd import EffectiveWeight, effective_weight
 from .config import NMSparsityConfig
@@ -14,14 +28,53 @@ from .schedule import SparsitySchedule, StepPlan
 from .sparsifier import NMSparsifier, VerificationReport, verify_nm
 from .targets import find_targets
 
+__version__ = "0.2.0"
+
+# name -> submodule that defines it, imported on first use
+_LAZY = {
+    "NMSparseTrainer": "integrations",
+    "NMSparsityCallback": "integrations",
+    "SparseTrainingArguments": "integrations",
+    "save_sparse_pretrained": "export",
+    "verify_checkpoint": "export",
+    "push_sparse_to_hub": "export",
+    "load_sparse_metadata": "export",
+}
+
+if TYPE_CHECKING:
+    from .export import (
+        load_sparse_metadata,
+        push_sparse_to_hub,
+        save_sparse_pretrained,
+        verify_checkpoint,
+    )
+    from .integrations import NMSparseTrainer, NMSparsityCallback, SparseTrainingArguments
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nmsparse_hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "EffectiveWeight",
+    "NMSparseTrainer",
     "NMSparsifier",
+    "NMSparsityCallback",
     "NMSparsityConfig",
     "NMSparsityConfigError",
     "NMSparsityError",
     "NMTargetError",
     "NMVerificationError",
+    "SparseTrainingArguments",
     "SparsitySchedule",
     "StepPlan",
     "VerificationReport",
@@ -29,6 +82,10 @@ __all__ = [
     "effective_weight",
     "find_targets",
     "is_nm",
+    "load_sparse_metadata",
     "nm_mask",
+    "push_sparse_to_hub",
+    "save_sparse_pretrained",
+    "verify_checkpoint",
     "verify_nm",
 ]

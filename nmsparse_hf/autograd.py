@@ -1,6 +1,6 @@
 """The custom autograd of nmsparse_hf: the effective weight of a sparse layer.
 
-SPEC §4, with m the keep-mask and g the gradient at the effective weight W̃:
+docs/METHOD.md §4, with m the keep-mask and g the gradient at the effective weight W̃:
 
     forward:   W̃ = W ⊙ (m + α·(1 − m))
     backward:  ∂L/∂W = g + λ·(1 − m) ⊙ W          (λ = 0 except for SR-STE)

@@ -1,27 +1,39 @@
 """The ``nmsparse`` console script.
 
+    nmsparse --version
     nmsparse verify CHECKPOINT [--json]
         Check a saved sparse checkpoint against its nm_sparsity metadata (reads JSON and
-        safetensors only). Exit 0: every layer is N:M and the metadata matches the weights;
-        1: a violation or a metadata mismatch; 2: the input cannot be read.
+        safetensors only).
+    nmsparse push CHECKPOINT REPO_ID [--token T] [--private] [--revision R]
+                  [--commit-message M] [--create-pr]
+        Verify the checkpoint, then upload it to the Hugging Face Hub (`push_sparse_to_hub`).
     nmsparse schedule CONFIG --total-steps N [--every K] [--plot out.png] [--ignore-unknown]
         Print the schedule (phase, alpha and each location's pattern) at every phase/stage
-        boundary and every K steps; optionally plot it.
-    nmsparse report CONFIG --model-type vit|swin|swinv2 [--total-steps N] [--ignore-unknown]
-        Build the default-size model of that family (no weights) and list which layers the
-        config makes sparse, with their patterns, and which it skips.
+        boundary and every K steps (default: N/20), row by row as it is computed; optionally plot.
+    nmsparse report CONFIG [--model-type vit|swin|swinv2] [--total-steps N] [--ignore-unknown]
+        Build the model the config describes (``model_config`` / ``config_overrides`` /
+        ``model_name_or_path`` of a recipe config; the family's default-size model with
+        ``--model-type`` when the config names none) on the meta device (no weights, no memory) and
+        list which layers the config makes sparse, with their patterns, and which it skips.
 
-CONFIG is a YAML file with our keys or the seed's, flat or under a ``sparsity:`` section; a full
-training YAML needs ``--ignore-unknown``.
+CONFIG is a YAML file with our keys or the seed's, flat or under a ``sparsity:`` section; a recipe
+config's training keys are passed over; other unknown keys are an error unless
+``--ignore-unknown``. Every multi-word option takes both spellings (``--total-steps`` and
+``--total_steps``).
+
+Exit status: 0 success; 1 the checkpoint does not verify; 2 the input cannot be read or is
+invalid (a one-line message on stderr says why).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import NMSparsityConfig
 from .errors import NMSparsityError
@@ -35,7 +47,7 @@ def _one_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------- verify
 def _verify(args: argparse.Namespace) -> int:
-    from .hub import verify_checkpoint
+    from .export import verify_checkpoint
 
     try:
         report = verify_checkpoint(args.path)
@@ -94,22 +106,30 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- schedule
-def _recipe_keys() -> set[str]:
-    """Keys a recipe config may carry besides the sparsity ones: the fields of the recipe's
-    model, data and training arguments, and the seed's timm training keys."""
+def _argument_keys() -> set[str]:
+    """The fields of the recipes' model, data, training and sparsity arguments."""
     import dataclasses
 
     from transformers import TrainingArguments
 
     from .data import DataArguments
-    from .recipe import SEED_TIMM_KEYS, ModelArguments
+    from .recipes.models import ModelArguments
+    from .recipes.text_classification import TextDataArguments, TextModelArguments
 
-    fields = {
+    classes = (ModelArguments, DataArguments, TextModelArguments, TextDataArguments)
+    return {
         f.name
-        for dc in (ModelArguments, DataArguments, TrainingArguments)
+        for dc in (*classes, TrainingArguments, NMSparsityConfig)
         for f in dataclasses.fields(dc)
     }
-    return fields | SEED_TIMM_KEYS
+
+
+def _recipe_keys() -> set[str]:
+    """Keys a recipe config may carry besides the sparsity ones: the fields of the recipe's
+    model, data and training arguments, and the seed's timm training keys."""
+    from .recipes.seed import SEED_TIMM_KEYS
+
+    return _argument_keys() | SEED_TIMM_KEYS
 
 
 def _load_config(path: str, ignore_unknown: bool) -> NMSparsityConfig:
@@ -137,18 +157,36 @@ def _pattern_text(pattern: tuple[int, int] | None) -> str:
     return "dense" if pattern is None else f"{pattern[0]}:{pattern[1]}"
 
 
-def schedule_table(schedule, every: int | None = None) -> str:
-    """The text table of `SparsitySchedule.table`: step, phase, alpha, the pattern of each location
-    (``dense`` in the dense phase), and which boundary (phase or SDGF stage start) the step is."""
+def _boundary_labels(schedule) -> dict[int, list[str]]:
+    """Step -> the boundaries (phase or SDGF stage starts) that fall on it."""
     events: dict[int, list[str]] = {}
     for name, step in schedule.boundaries().items():
         if step < schedule.total_steps and not (name == "dense" and schedule.sparse_start == 0):
             label = name if ":" in name else f"{name} starts"
             events.setdefault(step, []).append(label)
+    return events
+
+
+def schedule_lines(schedule, every: int | None = None) -> Iterator[str]:
+    """The schedule as text lines, one row per step of `SparsitySchedule.table` (every ``every``-th
+    step, each boundary and the last step): step, phase, alpha, the pattern of each location
+    (``dense`` in the dense phase), and which boundary the step is. A generator with fixed column
+    widths, so the rows stream: a table of 10^9 steps is never held in memory."""
+    events = _boundary_labels(schedule)
     locs = list(schedule.locations)
-    rows = [("step", "phase", "alpha", *locs, "boundary")]
+    widths = [len(str(schedule.total_steps - 1)), len("finetune"), len("0.0000")]
+    for loc in locs:
+        texts = [_pattern_text(p) for p in schedule.stages[loc]] + ["dense"]
+        widths.append(max(len(t) for t in texts))
+    header = ("step", "phase", "alpha", *locs, "boundary")
+    widths = [max(w, len(h)) for w, h in zip(widths, header, strict=False)] + [0]
+
+    def line(values) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
+
+    yield line(header)
     for plan in schedule.table(every):
-        rows.append(
+        yield line(
             (
                 str(plan.step),
                 plan.phase,
@@ -157,10 +195,6 @@ def schedule_table(schedule, every: int | None = None) -> str:
                 ", ".join(events.get(plan.step, [])),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
 
 
 def plot_schedule(schedule, path: str | Path) -> Path:
@@ -257,7 +291,8 @@ def _schedule(args: argparse.Namespace) -> int:
         + f", dim={config.sparse_dim}, total_steps={schedule.total_steps}, sparse phase "
         f"[{bounds['sparse']}, {bounds['finetune']}), fine-tune from {bounds['finetune']}"
     )
-    print(schedule_table(schedule, args.every))
+    for text in schedule_lines(schedule, args.every):
+        print(text)
     if args.plot:
         try:
             written = plot_schedule(schedule, args.plot)
@@ -279,33 +314,140 @@ _FAMILIES = {
 }
 
 
-def _report(args: argparse.Namespace) -> int:
+_MODEL_KEYS = ("model_name_or_path", "model_config", "config_overrides", "num_labels")
+
+
+def _named_model(path: str) -> dict[str, Any]:
+    """The model keys a config file names (a seed-style YAML's timm ``model`` translated)."""
+    import yaml
+
+    from .recipes.seed import is_seed_yaml, seed_yaml_to_args
+
+    with open(path) as fh:
+        data = yaml.safe_load(fh)
+    if not isinstance(data, dict):
+        return {}
+    if is_seed_yaml(data, _argument_keys()):
+        data, _ = seed_yaml_to_args(data)
+    return {key: data[key] for key in _MODEL_KEYS if data.get(key) is not None}
+
+
+# the model classes a recipe builds from a pretrained config, tried in this order
+_AUTO_CLASSES = (
+    "AutoModelForImageClassification",
+    "AutoModelForSeq2SeqLM",
+    "AutoModelForSequenceClassification",
+    "AutoModelForCausalLM",
+    "AutoModel",
+)
+
+
+def _model_from_config(config) -> Any:
+    """The model of ``config`` (no weights): the first auto class that knows its model type."""
+    import transformers
+
+    for name in _AUTO_CLASSES:
+        try:
+            return getattr(transformers, name).from_config(config)
+        except ValueError:  # this auto class has no mapping for the config's model type
+            continue
+    raise NMSparsityError(f"no transformers model class builds a {config.model_type!r} config.")
+
+
+def _build_report_model(path: str, model_type: str | None) -> tuple[Any, str]:
+    """(model on the meta device, what it is): the model the config names, else the default-size
+    model of ``model_type``."""
     import torch
     import transformers
 
+    from .recipes.models import ModelArguments, build_model, parse_overrides
+
+    named = _named_model(path)
+    num_labels = int(named.pop("num_labels", 1000))
+    overrides = named.get("config_overrides")
+    with torch.device("meta"):  # shapes only: no memory, no initialisation, no weights read
+        if named.get("model_name_or_path"):
+            source = named["model_name_or_path"]
+            config = transformers.AutoConfig.from_pretrained(source, **parse_overrides(overrides))
+            config.num_labels = num_labels
+            return _model_from_config(config), f"{source} (its config.json; no weights read)"
+        if named.get("model_config"):
+            model = build_model(ModelArguments(**named), "", None, num_labels).model
+            extra = f", {overrides}" if overrides else ""
+            return model, f"model_config={named['model_config']}{extra}"
+        if model_type is None:
+            raise NMSparsityError(
+                f"{path} names no model (model_config or model_name_or_path): pass --model-type "
+                f"{'|'.join(sorted(_FAMILIES))} to report on that family's default-size model."
+            )
+        config_cls, model_cls = (getattr(transformers, n) for n in _FAMILIES[model_type])
+        return model_cls(config_cls()), f"{model_type} default size ({config_cls.__name__}())"
+
+
+def _report(args: argparse.Namespace) -> int:
     from .sparsifier import NMSparsifier
 
     try:
         config = _load_config(args.config, args.ignore_unknown)
-        config_cls, model_cls = (getattr(transformers, n) for n in _FAMILIES[args.model_type])
-        with torch.device("meta"):  # shapes only: no memory, no initialisation
-            model = model_cls(config_cls())
+        model, description = _build_report_model(args.config, args.model_type)
         sparsifier = NMSparsifier(model, config, total_steps=args.total_steps)
-    except NMSparsityError as exc:
+    except (ValueError, OSError) as exc:  # ours (NMSparsityError) and transformers' config errors
         print(f"nmsparse report: {_one_line(exc)}", file=sys.stderr)
         return EXIT_UNREADABLE
+    print(f"model: {description}")
     print(sparsifier.report())
     return EXIT_OK
 
 
-# ---------------------------------------------------------------------------------- entry point
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``nmsparse`` command."""
-    parser = argparse.ArgumentParser(
-        prog="nmsparse", description="N:M sparsity tools (nmsparse_hf)."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------------------------- push
+def _push(args: argparse.Namespace) -> int:
+    from .errors import NMVerificationError
+    from .export import push_sparse_to_hub
 
+    try:
+        commit = push_sparse_to_hub(
+            args.path,
+            args.repo_id,
+            token=args.token,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            create_pr=args.create_pr,
+        )
+    except NMVerificationError as exc:
+        print(
+            f"nmsparse push: not pushed, {args.path} does not verify: {_one_line(exc)}",
+            file=sys.stderr,
+        )
+        return EXIT_FAIL
+    except (NMSparsityError, OSError) as exc:
+        print(f"nmsparse push: cannot push {args.path}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    except Exception as exc:  # the Hub's own errors (authentication, network, repo id)
+        print(f"nmsparse push: upload to {args.repo_id} failed: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    url = getattr(commit, "commit_url", None) or getattr(commit, "pr_url", None) or commit
+    print(f"pushed {args.path} to {args.repo_id}: {url}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------- entry point
+def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add ``--a-b`` with its ``--a_b`` spelling too (multi-word options take both)."""
+    flags = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
+    parser.add_argument(*flags, **kwargs)
+
+
+def _ignore_unknown(parser: argparse.ArgumentParser) -> None:
+    _option(
+        parser,
+        "ignore-unknown",
+        action="store_true",
+        help="ignore non-sparsity keys (full training YAML)",
+    )
+
+
+def _add_verify(sub) -> None:
     verify = sub.add_parser(
         "verify", help="check a saved sparse checkpoint is N:M as its metadata says"
     )
@@ -313,41 +455,79 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print the result as JSON")
     verify.set_defaults(func=_verify)
 
+
+def _add_push(sub) -> None:
+    push = sub.add_parser("push", help="verify a sparse checkpoint, then upload it to the Hub")
+    push.add_argument("path", help="checkpoint directory written by save_sparse_pretrained")
+    push.add_argument("repo_id", help="Hub model repo, e.g. user/vit-b16-1of8")
+    _option(push, "token", default=None, help="Hub token (default: the logged-in one)")
+    _option(push, "private", action="store_true", default=None, help="create the repo private")
+    _option(push, "revision", default=None, help="branch to push to")
+    _option(push, "commit-message", default=None, help="commit message of the upload")
+    _option(push, "create-pr", action="store_true", help="open a pull request instead of pushing")
+    push.set_defaults(func=_push)
+
+
+def _add_schedule(sub) -> None:
     schedule = sub.add_parser("schedule", help="print (and plot) the sparsity schedule of a config")
     schedule.add_argument(
         "config", help="YAML with the sparsity settings (ours or the seed's keys)"
     )
-    schedule.add_argument(
-        "--total-steps", type=int, required=True, help="optimizer steps of the run"
+    _option(schedule, "total-steps", type=int, required=True, help="optimizer steps of the run")
+    _option(
+        schedule,
+        "every",
+        type=int,
+        default=None,
+        help="also list every K-th step (default: total/20)",
     )
-    schedule.add_argument(
-        "--every", type=int, default=None, help="also list every K-th step (default: total/20)"
-    )
-    schedule.add_argument("--plot", default=None, help="write a PNG of the schedule to this path")
-    schedule.add_argument(
-        "--ignore-unknown",
-        action="store_true",
-        help="ignore non-sparsity keys (full training YAML)",
-    )
+    _option(schedule, "plot", default=None, help="write a PNG of the schedule to this path")
+    _ignore_unknown(schedule)
     schedule.set_defaults(func=_schedule)
 
-    report = sub.add_parser("report", help="which layers of a model family the config makes sparse")
-    report.add_argument("config", help="YAML with the sparsity settings")
-    report.add_argument("--model-type", choices=sorted(_FAMILIES), required=True)
-    report.add_argument("--total-steps", type=int, default=1000, help="run length (default 1000)")
+
+def _add_report(sub) -> None:
+    report = sub.add_parser("report", help="which layers of a model the config makes sparse")
     report.add_argument(
-        "--ignore-unknown",
-        action="store_true",
-        help="ignore non-sparsity keys (full training YAML)",
+        "config", help="YAML with the sparsity settings (a recipe config names its model)"
     )
+    _option(
+        report,
+        "model-type",
+        choices=sorted(_FAMILIES),
+        default=None,
+        help="default-size model of this family, for a config that names no model",
+    )
+    _option(report, "total-steps", type=int, default=1000, help="run length (default 1000)")
+    _ignore_unknown(report)
     report.set_defaults(func=_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``nmsparse`` command."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="nmsparse", description="N:M sparsity tools (nmsparse_hf)."
+    )
+    parser.add_argument("--version", action="version", version=f"nmsparse_hf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_verify(sub)
+    _add_push(sub)
+    _add_schedule(sub)
+    _add_report(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``nmsparse`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # the reader stopped early (``nmsparse schedule ... | head``)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

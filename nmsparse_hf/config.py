@@ -1,8 +1,8 @@
-"""`NMSparsityConfig`: every parameter of the method (SPEC §2), validated in one place.
+"""`NMSparsityConfig`: every parameter of the method (docs/METHOD.md §2), validated in one place.
 
 The config reads three spellings of the same recipe:
 
-* our own field names (``n_keep``, ``m``, ``mask_decay`` ...), from Python, a dict or YAML;
+* our own field names (``n_keep``, ``m``, ``decay_type`` ...), from Python, a dict or YAML;
 * the seed research code's YAML keys and enum spellings (``n_sparsity``, ``sparsity_type:
   STRUCTURED_NM``, ``decay_type: EXP``, ``dense_steps``, ``sparse_dim: ROW`` ...), which map to the
   same meaning;
@@ -22,40 +22,32 @@ from typing import Any
 
 from .errors import NMSparsityConfigError
 
-SPARSITY_TYPES = ("dense", "structure_nm", "srste")
-DECAY_TYPES = ("step", "linear", "exp")
-STRUCTURE_DECAY_TYPES = ("sparsify", "fine")
 LOCATIONS = ("FF", "Q", "K", "V", "O", "C")
 SPARSE_DIMS = ("row", "col")
-FINETUNE_MASKS = ("recompute", "frozen")
 
-# Seed spellings of enum values -> ours. Matching is case-insensitive.
+# The values each enum field takes.
+_ENUM_VALUES: dict[str, tuple[str, ...]] = {
+    "sparsity_type": ("dense", "structure_nm", "srste"),
+    "decay_type": ("step", "linear", "exp"),
+    "structure_decay_type": ("sparsify", "fine"),
+    "sparse_dim": SPARSE_DIMS,
+    "finetune_mask": ("recompute", "frozen"),
+}
+
+# Other spellings of enum values (the seed's and a few natural variants) -> ours. Matching is
+# case-insensitive.
 _ENUM_ALIASES: dict[str, dict[str, str]] = {
     "sparsity_type": {
-        "dense": "dense",
-        "structure_nm": "structure_nm",
         "structured_nm": "structure_nm",
         "structure-nm": "structure_nm",
         "nm": "structure_nm",
-        "srste": "srste",
         "sr-ste": "srste",
         "sr_ste": "srste",
     },
-    "decay_type": {
-        "step": "step",
-        "linear": "linear",
-        "lin": "linear",
-        "exp": "exp",
-        "exponential": "exp",
-    },
-    "structure_decay_type": {
-        "sparsify": "sparsify",
-        "stepwise": "sparsify",
-        "fine": "fine",
-        "geometric": "fine",
-    },
-    "sparse_dim": {"row": "row", "col": "col", "column": "col"},
-    "finetune_mask": {"recompute": "recompute", "frozen": "frozen"},
+    "decay_type": {"lin": "linear", "exponential": "exp"},
+    "structure_decay_type": {"stepwise": "sparsify", "geometric": "fine"},
+    "sparse_dim": {"column": "col"},
+    "finetune_mask": {},
 }
 
 # Seed YAML keys (and a few natural variants) -> our field names.
@@ -66,14 +58,12 @@ SEED_KEY_ALIASES: dict[str, str] = {
     "m_sparsity_qkv": "m_qkv",
     "n": "n_keep",
     "sparsity_loc": "locations",
-    "decay_coef": "decay_coef",
     "dense_steps": "dense_fraction",
     "dense_epochs": "dense_fraction",
     "fine_tune_steps": "finetune_fraction",
     "fine_tune_epochs": "finetune_fraction",
     "finetune_steps": "finetune_fraction",
     "structure_decay_flag": "structure_decay",
-    "sparse_dim": "sparse_dim",
 }
 
 
@@ -90,27 +80,41 @@ def _as_list(value: Any) -> list[str]:
 
 
 def parse_locations(value: Any) -> tuple[str, ...]:
-    """Parse ``"FF,Q,K"``, ``"FF,QKV"`` or ``["ff", "q"]`` into a sorted tuple of locations.
+    """Parse a location list into a sorted tuple of locations.
 
-    ``QKV`` expands to ``Q, K, V``. Raises `NMSparsityConfigError` naming an unknown location.
+    Accepts ``"FF,Q,K"``, ``["ff", "q"]``, and the seed's concatenated spellings (``"KQFF"``,
+    ``"QKVFF"``, ``"FF,QKV"``), in any order and case. The seed tests each location by substring
+    (``"Q" in sparsity_loc``); here each comma-separated token must split completely into location
+    names, so ``KQFF`` means FF, Q, K and a typo such as ``FN`` is refused instead of silently
+    meaning nothing. Raises `NMSparsityConfigError` naming an unknown location.
     """
-    out: list[str] = []
+    out: set[str] = set()
     for raw in _as_list(value):
-        token = raw.upper()
-        parts = ["Q", "K", "V"] if token == "QKV" else [token]
-        for part in parts:
-            if part not in LOCATIONS:
-                raise NMSparsityConfigError(
-                    f"locations: unknown location {raw!r}. Use a comma-separated subset of "
-                    f"{', '.join(LOCATIONS)} (QKV is shorthand for Q,K,V), e.g. 'FF,Q,K'."
-                )
-            if part not in out:
-                out.append(part)
+        parts = _split_location_token(raw.upper().replace(" ", ""))
+        if parts is None:
+            raise NMSparsityConfigError(
+                f"locations: unknown location {raw!r}. Use a comma-separated subset of "
+                f"{', '.join(LOCATIONS)} (QKV is shorthand for Q,K,V; the seed's concatenated "
+                f"spellings such as KQFF or QKVFF work too), e.g. 'FF,Q,K'."
+            )
+        out.update(parts)
     return tuple(loc for loc in LOCATIONS if loc in out)
 
 
+def _split_location_token(token: str) -> list[str] | None:
+    """Split ``"KQFF"`` into ``["K", "Q", "FF"]``; ``None`` if it is not made of location names."""
+    parts: list[str] = []
+    while token:
+        name = next((loc for loc in LOCATIONS if token.startswith(loc)), None)
+        if name is None:
+            return None
+        parts.append(name)
+        token = token[len(name) :]
+    return parts or None
+
+
 def _enum(field_name: str, value: Any) -> str:
-    aliases = _ENUM_ALIASES[field_name]
+    aliases = {v: v for v in _ENUM_VALUES[field_name]} | _ENUM_ALIASES[field_name]
     key = str(value).strip().lower()
     if key not in aliases:
         allowed = sorted(set(aliases.values()))
@@ -123,6 +127,14 @@ def _enum(field_name: str, value: Any) -> str:
             )
         )
     return aliases[key]
+
+
+def _to_int(field_name: str, value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise NMSparsityConfigError(f"{field_name}: expected an integer, got {value!r}.")
+    return value
 
 
 def _to_float(field_name: str, value: Any) -> float:
@@ -146,9 +158,27 @@ def _to_bool(field_name: str, value: Any) -> bool:
     raise NMSparsityConfigError(f"{field_name}: expected true or false, got {value!r}.")
 
 
+def _read_yaml(path: Path) -> Any:
+    """`yaml.safe_load` of a file, every way it can be unreadable as a one-line error."""
+    import yaml
+
+    if not path.is_file():
+        raise NMSparsityConfigError(f"config file {str(path)!r} does not exist.")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except UnicodeDecodeError:
+        raise NMSparsityConfigError(f"{path}: not a YAML text file (not UTF-8).") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise NMSparsityConfigError(f"{where}: YAML syntax error: {problem}.") from None
+
+
 @dataclass
 class NMSparsityConfig:
-    """How a model is made N:M sparse during training (SPEC §2-§4).
+    """How a model is made N:M sparse during training (docs/METHOD.md §2-§5).
 
     Pattern
         n_keep, m: the target N:M for feed-forward (``FF``), output-projection (``O``) and
@@ -191,32 +221,97 @@ class NMSparsityConfig:
         exclude_modules: the same forms; matching modules stay dense.
     """
 
-    n_keep: int = 2
-    m: int = 4
-    n_keep_qkv: int | None = None
-    m_qkv: int | None = None
-    sparse_dim: str = "row"
-    locations: tuple[str, ...] | list[str] | str = ("FF",)
+    # Each field's default and help text are declared here once; SparseTrainingArguments copies
+    # them for the command line.
+    n_keep: int = field(
+        default=2, metadata={"help": "N: weights KEPT in every group of M (FF, O, C)."}
+    )
+    m: int = field(
+        default=4, metadata={"help": "M: the group length of the N:M pattern (FF, O, C)."}
+    )
+    n_keep_qkv: int | None = field(
+        default=None, metadata={"help": "N for the Q, K, V projections (default: n_keep)."}
+    )
+    m_qkv: int | None = field(
+        default=None, metadata={"help": "M for the Q, K, V projections (default: m)."}
+    )
+    sparse_dim: str = field(
+        default="row",
+        metadata={
+            "help": "Group along a Linear weight's input ('row', the hardware layout) or "
+            "output ('col')."
+        },
+    )
+    locations: tuple[str, ...] | list[str] | str = field(
+        default=("FF",),
+        metadata={"help": "Sparse locations, comma-separated: FF, Q, K, V, O, C (QKV = Q,K,V)."},
+    )
 
-    sparsity_type: str = "structure_nm"
-    decay_type: str = "step"
-    decay_coef: float = 1e-4
-    structure_decay: bool = False
-    structure_decay_type: str = "sparsify"
-    structure_decay_start_k: int = 8
-    structure_decay_fallback: bool = False
-    srste_lambda: float = 2e-4
+    sparsity_type: str = field(
+        default="structure_nm",
+        metadata={"help": "dense | structure_nm (STE; MDGF with decay_type linear/exp) | srste."},
+    )
+    decay_type: str = field(
+        default="step", metadata={"help": "MDGF shape: step (binary at once) | linear | exp."}
+    )
+    decay_coef: float = field(
+        default=1e-4,
+        metadata={"help": "MDGF beta per optimizer step: linear 1-beta*j, exp exp(-beta*j)."},
+    )
+    structure_decay: bool = field(
+        default=False, metadata={"help": "SDGF: tighten the pattern in stages."}
+    )
+    structure_decay_type: str = field(
+        default="sparsify",
+        metadata={"help": "SDGF: sparsify (stepwise (M-1):M ... N:M) | fine (geometric kN:kM)."},
+    )
+    structure_decay_start_k: int = field(
+        default=8, metadata={"help": "First k of the geometric SDGF schedule (a power of two)."}
+    )
+    structure_decay_fallback: bool = field(
+        default=False,
+        metadata={"help": "Let a layer skip SDGF stages whose M does not divide its grouped dim."},
+    )
+    srste_lambda: float = field(default=2e-4, metadata={"help": "SR-STE decay strength lambda."})
 
-    dense_fraction: float = 0.0
-    finetune_fraction: float = 0.0
-    finetune_mask: str = "recompute"
+    dense_fraction: float = field(
+        default=0.0, metadata={"help": "Fraction of optimizer steps trained dense at the start."}
+    )
+    finetune_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of optimizer steps at the end with the binary target mask."},
+    )
+    finetune_mask: str = field(
+        default="recompute",
+        metadata={
+            "help": "recompute (mask follows |W|) | frozen (fixed mask, pruned weights kept at 0)."
+        },
+    )
 
-    target_modules: str | list[str] | None = None
-    exclude_modules: str | list[str] | None = None
+    target_modules: str | list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Override the model preset: module names or name suffixes (e.g. fc1 fc2); a "
+            "single value with regex characters is a regex matched against the whole name."
+        },
+    )
+    exclude_modules: str | list[str] | None = field(
+        default=None, metadata={"help": "Modules kept dense (same forms as target_modules)."}
+    )
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self._normalise_enums()
+        self._check_locations()
+        self._check_patterns()
+        self._check_fractions()
+        self._check_rates()
+        self._check_recipe()
+        self._normalise_targets()
+
+    # ------------------------------------------------------------------ validators
+    def _normalise_enums(self) -> None:
         self.sparsity_type = _enum("sparsity_type", self.sparsity_type)
         self.decay_type = _enum("decay_type", self.decay_type)
         self.structure_decay_type = _enum("structure_decay_type", self.structure_decay_type)
@@ -226,30 +321,32 @@ class NMSparsityConfig:
         self.structure_decay_fallback = _to_bool(
             "structure_decay_fallback", self.structure_decay_fallback
         )
+
+    def _check_locations(self) -> None:
         self.locations = parse_locations(self.locations)
         if self.sparsity_type != "dense" and not self.locations:
             raise NMSparsityConfigError(
                 "locations: empty. Name at least one of FF, Q, K, V, O, C, or set "
                 "sparsity_type='dense' for a dense run."
             )
+
+    def _check_patterns(self) -> None:
         if self.n_keep_qkv is None:
             self.n_keep_qkv = self.n_keep
         if self.m_qkv is None:
             self.m_qkv = self.m
         for n_name, m_name in (("n_keep", "m"), ("n_keep_qkv", "m_qkv")):
-            n_val, m_val = getattr(self, n_name), getattr(self, m_name)
-            for name, val in ((n_name, n_val), (m_name, m_val)):
-                if isinstance(val, bool) or not isinstance(val, int):
-                    if isinstance(val, float) and val.is_integer():
-                        setattr(self, name, int(val))
-                        continue
-                    raise NMSparsityConfigError(f"{name}: expected an integer, got {val!r}.")
-            n_val, m_val = getattr(self, n_name), getattr(self, m_name)
+            n_val = _to_int(n_name, getattr(self, n_name))
+            setattr(self, n_name, n_val)
+            m_val = _to_int(m_name, getattr(self, m_name))
+            setattr(self, m_name, m_val)
             if not 0 < n_val < m_val:
                 raise NMSparsityConfigError(
                     f"{n_name}:{m_name} = {n_val}:{m_val} is not a sparse pattern: N counts the "
                     f"weights kept in each group of M and needs 0 < N < M (e.g. 2:4, 1:8)."
                 )
+
+    def _check_fractions(self) -> None:
         for name in ("dense_fraction", "finetune_fraction"):
             val = _to_float(name, getattr(self, name))
             if not 0.0 <= val <= 1.0 or math.isnan(val):
@@ -264,6 +361,8 @@ class NMSparsityConfig:
                 f"{self.finetune_fraction} >= 1 leaves no sparse phase. Lower one of them so "
                 f"their sum is below 1."
             )
+
+    def _check_rates(self) -> None:
         for name in ("decay_coef", "srste_lambda"):
             val = _to_float(name, getattr(self, name))
             if val < 0 or math.isnan(val) or math.isinf(val):
@@ -271,6 +370,8 @@ class NMSparsityConfig:
                     f"{name} = {getattr(self, name)!r} must be a finite number >= 0."
                 )
             setattr(self, name, val)
+
+    def _check_recipe(self) -> None:
         if self.sparsity_type == "srste" and self.decay_type != "step":
             raise NMSparsityConfigError(
                 f"decay_type = {self.decay_type!r} with sparsity_type = 'srste': mask decay "
@@ -283,16 +384,17 @@ class NMSparsityConfig:
                 f"structure_decay_start_k = {k!r} must be a power of two >= 1 (e.g. 8 gives "
                 f"8N:8M, 4N:4M, 2N:2M, N:M)."
             )
+
+    def _normalise_targets(self) -> None:
         for name in ("target_modules", "exclude_modules"):
             val = getattr(self, name)
             if val is None or isinstance(val, str):
                 continue
-            if isinstance(val, Iterable):
-                setattr(self, name, [str(v) for v in val])
-            else:
+            if not isinstance(val, Iterable):
                 raise NMSparsityConfigError(
                     f"{name}: expected a regex string or a list of names, got {val!r}."
                 )
+            setattr(self, name, [str(v) for v in val])
 
     # ------------------------------------------------------------------ derived facts
     @property
@@ -402,14 +504,10 @@ class NMSparsityConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, ignore_unknown: bool = False) -> NMSparsityConfig:
-        """Read a YAML file (ours or a seed-style one) with `yaml.safe_load`; see `from_dict`."""
-        import yaml
-
+        """Read a YAML file (ours or a seed-style one) with `yaml.safe_load`; see `from_dict`.
+        A file that is missing, not text or not valid YAML raises `NMSparsityConfigError`."""
         path = Path(path)
-        if not path.is_file():
-            raise NMSparsityConfigError(f"config file {str(path)!r} does not exist.")
-        with path.open() as fh:
-            data = yaml.safe_load(fh) or {}
+        data = _read_yaml(path) or {}
         try:
             return cls.from_dict(data, ignore_unknown=ignore_unknown)
         except NMSparsityConfigError as exc:

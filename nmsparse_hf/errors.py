@@ -15,3 +15,8 @@ class NMTargetError(NMSparsityError):
 
 class NMVerificationError(NMSparsityError):
     """A layer that should be N:M is not, or checkpoint metadata disagrees with its weights."""
+
+
+class NMCheckpointError(NMSparsityError):
+    """A checkpoint cannot be read as a sparse checkpoint: files or metadata are missing,
+    unreadable or malformed (``nmsparse verify`` exits 2)."""

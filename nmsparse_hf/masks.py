@@ -1,6 +1,6 @@
 """Pure tensor functions for N:M masks. No modules, no state, no transformers.
 
-Grouping (SPEC §1, §3):
+Grouping (docs/METHOD.md §1, §3):
 
 * Linear weight ``[out, in]``: ``dim="row"`` groups M consecutive weights along ``in`` within one
   row (the hardware N:M layout); ``dim="col"`` groups along ``out`` within one column.
@@ -224,11 +224,6 @@ def nm_group_nonzeros(weight: torch.Tensor, m: int, dim: str = "row") -> torch.T
     check_divisible(weight.shape, m, dim)
     groups, _ = _grouped(weight.detach() != 0, m, dim)
     return groups.sum(dim=-1)
-
-
-def nm_violations(weight: torch.Tensor, n: int, m: int, dim: str = "row") -> int:
-    """Number of groups with more than ``n`` non-zeros."""
-    return int((nm_group_nonzeros(weight, m, dim) > n).sum())
 
 
 def sparsity(weight: torch.Tensor) -> float:

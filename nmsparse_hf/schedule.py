@@ -3,7 +3,7 @@
 Steps are 0-based optimizer steps: ``at(t)`` is the plan for the forward/backward passes that lead
 to optimizer step ``t + 1`` (in the HF Trainer, ``state.global_step == t`` during them).
 
-Phases (SPEC §4), with ``T = total_steps``:
+Phases (docs/METHOD.md §5), with ``T = total_steps``:
 
 * ``sparse_start = round(dense_fraction * T)``, ``finetune_start = T - round(finetune_fraction * T)``
   (round half up);
@@ -19,6 +19,7 @@ sparse_start``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .config import NMSparsityConfig
@@ -188,9 +189,17 @@ class SparsitySchedule:
                 out[f"{loc}:stage{i}"] = first
         return out
 
-    def table(self, every: int | None = None) -> list[StepPlan]:
-        """Plans at every ``every``-th step plus each boundary (for printing and plotting)."""
+    def table(self, every: int | None = None) -> Iterator[StepPlan]:
+        """Plans at every ``every``-th step plus each boundary and the last step, in step order
+        (for printing and plotting). A generator: a table of 10^9 rows is never held in memory."""
         every = every or max(self.total_steps // 20, 1)
-        steps = set(range(0, self.total_steps, every)) | set(self.boundaries().values())
-        steps.add(self.total_steps - 1)
-        return [self.at(s) for s in sorted(s for s in steps if 0 <= s < self.total_steps)]
+        marks = set(self.boundaries().values()) | {self.total_steps - 1}
+        marks = sorted(s for s in marks if 0 <= s < self.total_steps)
+        regular = 0  # the next multiple of `every`
+        for mark in marks:
+            while regular < mark:
+                yield self.at(regular)
+                regular += every
+            yield self.at(mark)
+            if regular == mark:
+                regular += every

@@ -15,6 +15,7 @@ the Trainer: call ``update(step)`` before each optimizer step's forward passes (
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass, field
 
@@ -53,10 +54,22 @@ def _shard(target: TargetLayer) -> torch.Tensor:
             f"FSDP2 shard. Train it without FSDP2, or use a model with separate q/k/v "
             f"projections (HF ViT/Swin)."
         )
+    if target.fan_in_fan_out and callable(getattr(weight, "to_local", None)):
+        raise NMTargetError(
+            f"{target.name}: a Conv1D weight is stored [in, out], so an FSDP2 shard (dim 0) cuts "
+            f"its N:M groups. Train it without FSDP2, or exclude it (exclude_modules)."
+        )
     return _local(weight)
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
+def _laid_out(target: TargetLayer) -> torch.Tensor:
+    """`_shard` laid out as a Linear's ``[out, in, ...]``: a Conv1D's stored ``[in, out]`` weight
+    as its transposed view (in-place edits of the view edit the parameter)."""
+    weight = _shard(target)
+    return weight.t() if target.fan_in_fan_out else weight
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor: gathers a DTensor (a collective: call it on every rank), else itself."""
     gather = getattr(tensor, "full_tensor", None)
     return gather() if callable(gather) else tensor
@@ -75,6 +88,7 @@ class LayerSparsity:
     def __init__(self, target: TargetLayer, dim: str, stage_maps: list[dict[Pattern, Pattern]]):
         self.name = target.name
         self.kind = target.kind
+        self.fan_in_fan_out = target.fan_in_fan_out
         self.blocks = target.blocks
         self.dim = dim
         self.stage_maps = stage_maps
@@ -108,7 +122,7 @@ class LayerSparsity:
         return self.active and not self.final
 
     def effective(self, weight: torch.Tensor) -> torch.Tensor:
-        """W̃ for this step (SPEC §4), or ``weight`` itself outside the masked phases."""
+        """W̃ for this step (docs/METHOD.md §4), or ``weight`` itself outside the masked phases."""
         if not self.masked:
             return weight
         return effective_weight(
@@ -141,6 +155,20 @@ def _conv_forward(self: nn.Conv2d, input: torch.Tensor) -> torch.Tensor:
     return self._conv_forward(input, getattr(self, ATTR).effective(self.weight), self.bias)
 
 
+def _conv1d_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """transformers' Conv1D (``x @ W + b``, W stored ``[in, out]``): in the masked phases, the
+    Linear path on the transposed view ``W.t()`` (``[out, in]``), so the mask, the fused backward
+    and the gradient (routed back through the view) are exactly a Linear's; otherwise the
+    class's own forward."""
+    state = getattr(self, ATTR)
+    if not state.masked:
+        return type(self).forward(self, input)
+    return state.linear(input, self.weight.t(), self.bias)
+
+
+_FORWARDS = {"linear": _linear_forward, "conv1d": _conv1d_forward, "conv": _conv_forward}
+
+
 @dataclass
 class LayerCheck:
     """One row of a verification: a layer (block), its target pattern and what was found."""
@@ -149,9 +177,19 @@ class LayerCheck:
     location: str
     pattern: Pattern
     shape: tuple[int, ...]
-    sparsity: float
+    nonzeros: int
     violations: int
     max_nonzeros: int
+
+    @property
+    def numel(self) -> int:
+        """Entries of the block."""
+        return math.prod(self.shape)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of exact zeros in the block."""
+        return 1.0 - self.nonzeros / self.numel if self.numel else 0.0
 
     @property
     def ok(self) -> bool:
@@ -215,17 +253,65 @@ class VerificationReport:
 def check_layer(
     name: str, weight: torch.Tensor, location: str, pattern: Pattern, dim: str
 ) -> LayerCheck:
-    """Verify one weight (or block) against its N:M pattern."""
+    """Verify one weight (or block) against its N:M pattern: the only place that counts the
+    non-zeros of a sparse weight (for verification, metadata and reports alike)."""
     counts = nm_group_nonzeros(weight, pattern[1], dim)
     return LayerCheck(
         name=name,
         location=location,
         pattern=tuple(pattern),
         shape=tuple(weight.shape),
-        sparsity=float((weight == 0).sum()) / max(weight.numel(), 1),
+        nonzeros=int(counts.sum()),
         violations=int((counts > pattern[0]).sum()),
         max_nonzeros=int(counts.max()) if counts.numel() else 0,
     )
+
+
+def block_specs(target: TargetLayer | LayerSparsity, patterns: list[Pattern]) -> list[dict]:
+    """The JSON form of a target's blocks at ``patterns`` (as checkpoint metadata records them):
+    ``{"location", "rows", "n_keep", "m"}`` dicts, plus ``"fan_in_fan_out": True`` for a Conv1D
+    (stored weight ``[in, out]``; its ``rows`` are rows of the transposed, ``[out, in]``, weight).
+    """
+    extra = {"fan_in_fan_out": True} if target.fan_in_fan_out else {}
+    return [
+        {
+            "location": b.location,
+            "rows": list(b.rows) if b.rows else None,
+            "n_keep": p[0],
+            "m": p[1],
+            **extra,
+        }
+        for b, p in zip(target.blocks, patterns, strict=True)
+    ]
+
+
+def check_blocks(
+    report: VerificationReport, name: str, weight: torch.Tensor, blocks: list, dim: str
+) -> None:
+    """The one verification loop: check each block of one layer's ``weight`` against its
+    pattern and add a `LayerCheck` (or a problem) to ``report``.
+
+    ``blocks`` are dicts ``{"location", "rows", "n_keep", "m"[, "fan_in_fan_out"]}``:
+    ``rows`` selects rows of the weight as the layer computes with it (``[out, in]``);
+    ``fan_in_fan_out`` says the stored weight is ``[in, out]`` (GPT-2's Conv1D), so it is
+    transposed first. A block that does not fit the weight is a problem, never an exception.
+    """
+    for spec in blocks:
+        rows, loc = spec.get("rows"), spec["location"]
+        pattern = (int(spec["n_keep"]), int(spec["m"]))
+        label = name + ("" if not rows else f"[{loc}]")
+        part = weight.t() if spec.get("fan_in_fan_out") and weight.dim() == 2 else weight
+        if rows and not 0 <= rows[0] < rows[1] <= part.shape[0]:
+            report.problems.append(
+                f"{label}: metadata rows {list(rows)} do not fit the weight's shape "
+                f"{tuple(weight.shape)}"
+            )
+            continue
+        part = part[rows[0] : rows[1]] if rows else part
+        try:
+            report.layers.append(check_layer(label, part, loc, pattern, dim))
+        except NMSparsityError as exc:
+            report.problems.append(f"{label}: metadata does not match the weights: {exc}")
 
 
 class NMSparsifier:
@@ -276,8 +362,7 @@ class NMSparsifier:
         for target in self.targets:
             state = LayerSparsity(target, config.sparse_dim, stage_maps[target.name])
             setattr(target.module, ATTR, state)
-            forward = _linear_forward if target.kind == "linear" else _conv_forward
-            target.module.forward = types.MethodType(forward, target.module)
+            target.module.forward = types.MethodType(_FORWARDS[target.kind], target.module)
             self.layers[target.name] = state
         if total_steps is not None:
             self.update(0)
@@ -301,7 +386,7 @@ class NMSparsifier:
         errors: list[str] = []
         maps: dict[str, list[dict[Pattern, Pattern]]] = {}
         for target in self.targets:
-            shape = tuple(target.module.weight.shape)
+            shape = target.shape
             maps[target.name] = []
             for block in target.blocks:
                 bshape = (
@@ -397,7 +482,7 @@ class NMSparsifier:
     def _apply_frozen_masks(self) -> None:
         for target in self.targets:
             state = self.layers[target.name]
-            weight = _shard(target)
+            weight = _laid_out(target)
             if state.frozen_mask is None or state.frozen_mask.shape != weight.shape:
                 state.frozen_mask = state.mask(weight, state.target_patterns)
             weight.masked_fill_(~state.frozen_mask, 0)
@@ -409,28 +494,23 @@ class NMSparsifier:
         its plain forward, and return the verification. Idempotent."""
         for target in self.targets:
             state = self.layers[target.name]
-            weight = _shard(target)
+            weight = _laid_out(target)
             weight.mul_(state.mask(weight, state.target_patterns))
             state.final = True
             state.active = False
         return self.verify()
 
     def verify(self, strict: bool = True) -> VerificationReport:
-        """Check every targeted block is N:M-compliant at its target pattern.
+        """Check every targeted block is N:M-compliant at its target pattern (on this rank's
+        shard under FSDP2: row groups never span shards).
 
         Returns the `VerificationReport`; with ``strict`` raises `NMVerificationError` on failure.
         """
         report = VerificationReport()
         for target in self.targets:
             state = self.layers[target.name]
-            weight = _shard(target).detach()
-            for block, pattern in zip(target.blocks, state.target_patterns, strict=True):
-                label = target.name + ("" if block.rows is None else f"[{block.location}]")
-                report.layers.append(
-                    check_layer(
-                        label, _block_view(weight, block), block.location, pattern, state.dim
-                    )
-                )
+            blocks = block_specs(target, state.target_patterns)
+            check_blocks(report, target.name, _shard(target).detach(), blocks, state.dim)
         if not self.targets and self.config.enabled:
             report.problems.append("no layer is targeted")
         if strict:
@@ -459,7 +539,7 @@ class NMSparsifier:
         flips: dict[str, list[float]] = {}
         for target in self.targets:
             state = self.layers[target.name]
-            weight = _shard(target).detach()
+            weight = _laid_out(target).detach()
             if state.final:
                 masks = [(b, _block_view(weight, b) != 0) for b in target.blocks]
                 eff = weight
@@ -515,31 +595,16 @@ class NMSparsifier:
         return "\n".join(lines)
 
     def metadata(self) -> dict:
-        """What a sparse checkpoint records (SPEC §5): patterns, dim, locations, recipe and, per
-        targeted layer (current module names), its blocks and target patterns."""
+        """What a sparse checkpoint records about the method (docs/METHOD.md, "Checkpoint
+        format"): patterns, dim, locations, recipe, config and, per targeted layer (current module
+        names), its blocks at their target patterns. Reads no weight, so it needs no collective
+        under FSDP; the export adds the counts from the weights it writes."""
         from . import __version__
 
         cfg = self.config
-        layers = {}
-        for target in self.targets:
-            state = self.layers[target.name]
-            layers[target.name] = [
-                {
-                    "location": b.location,
-                    "rows": list(b.rows) if b.rows else None,
-                    "n_keep": p[0],
-                    "m": p[1],
-                }
-                for b, p in zip(target.blocks, state.target_patterns, strict=True)
-            ]
+        layers = {t.name: block_specs(t, self.layers[t.name].target_patterns) for t in self.targets}
         used = sorted({b.location for t in self.targets for b in t.blocks})
-        kept = total = 0
-        for target in self.targets:
-            w = _full(target.module.weight.detach())
-            kept += int((w != 0).sum())
-            total += w.numel()
         return {
-            "format": "nmsparse_hf/1",
             "library_version": __version__,
             "n_keep": cfg.n_keep,
             "m": cfg.m,
@@ -550,7 +615,6 @@ class NMSparsifier:
             "recipe": cfg.recipe_name,
             "config": cfg.to_dict(),
             "layers": layers,
-            "achieved_sparsity": 1.0 - kept / total if total else 0.0,
         }
 
 
@@ -570,13 +634,7 @@ def verify_nm(
     if layers is None:
         attached = {n: getattr(m, ATTR) for n, m in modules.items() if hasattr(m, ATTR)}
         if attached:
-            layers = {
-                n: [
-                    {"location": b.location, "rows": b.rows, "n_keep": p[0], "m": p[1]}
-                    for b, p in zip(s.blocks, s.target_patterns, strict=True)
-                ]
-                for n, s in attached.items()
-            }
+            layers = {n: block_specs(s, s.target_patterns) for n, s in attached.items()}
             sparse_dim = sparse_dim or next(iter(attached.values())).dim
         elif isinstance(meta, dict):
             # a checkpoint names its layers twice: as saved on disk and as the saving model's
@@ -595,23 +653,11 @@ def verify_nm(
     sparse_dim = sparse_dim or "row"
     report = VerificationReport()
     for name, blocks in layers.items():
-        module = modules.get(name)
-        weight = getattr(module, "weight", None)
+        weight = getattr(modules.get(name), "weight", None)
         if not isinstance(weight, torch.Tensor):
             report.problems.append(f"layer {name!r} named in the metadata is not in the model")
             continue
-        weight = _local(weight).detach()
-        for spec in blocks:
-            rows = spec.get("rows")
-            part = weight if not rows else weight[rows[0] : rows[1]]
-            pattern = (int(spec["n_keep"]), int(spec["m"]))
-            label = name + ("" if not rows else f"[{spec['location']}]")
-            try:
-                report.layers.append(
-                    check_layer(label, part, spec["location"], pattern, sparse_dim)
-                )
-            except NMSparsityError as exc:
-                report.problems.append(f"{label}: metadata does not match the weights: {exc}")
+        check_blocks(report, name, _local(weight).detach(), blocks, sparse_dim)
     if strict:
         report.raise_if_failed()
     return report

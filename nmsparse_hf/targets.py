@@ -1,61 +1,180 @@
 """Which layers of a model are sparse, and at which location (FF, Q, K, V, O, C).
 
-Two ways to choose:
+Three ways to choose:
 
-* **model-family presets** for HF ViT, Swin and Swinv2 image classifiers (under the module names of
-  transformers 5.x *and* the older names that checkpoints on disk still carry) and for timm ViT /
-  Swin models, bare or through transformers' ``TimmWrapper`` (timm's fused ``qkv`` is split into
-  its Q, K and V row blocks);
-* **explicit patterns**, PEFT-style, for any model: ``target_modules`` / ``exclude_modules``.
+* **model-family presets**, one table keyed by ``config.model_type`` (`NM_TARGET_PRESETS`, in the
+  manner of PEFT's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``): HF ViT, DeiT, Swin,
+  Swinv2 (under the module names of transformers 5.x *and* the older names that checkpoints on disk
+  still carry), timm ViT / Swin models bare or through transformers' ``TimmWrapper``, BERT,
+  RoBERTa, DistilBERT, DeBERTa-v2, T5 / mT5, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Phi-3
+  and GPT-2. Each preset maps the layers of one family to Q, K, V, O and FF, so ``locations``
+  and the Q/K/V pattern mean the same thing in every family. A fused projection (timm's
+  ``attn.qkv``, Phi-3's ``qkv_proj``, GPT-2's ``c_attn``) is split into its Q, K and V row blocks
+  (output features), each with its location's pattern;
+* **explicit patterns**, PEFT-style, for any model: ``target_modules`` / ``exclude_modules``,
+  matched against the current module names and against the names the checkpoint files use;
+* ``target_modules="all-linear"``: every Linear / Conv1D except the output head, as in PEFT.
 
-Never sparse in a preset: patch embeddings, classifier heads, norms, Swin patch merging and
-Swinv2's continuous-position-bias MLP. Every Linear/Conv2d layer that is not targeted is listed as
-skipped, with the reason.
+Never sparse in a preset: embeddings (patch and token), heads (classifier, pooler, ``lm_head``,
+``score``), norms, position tables, Swin patch merging and Swinv2's continuous-position-bias MLP.
+Every Linear/Conv1D/Conv2d layer that is not targeted is listed as skipped, with the reason.
+
+GPT-2's ``transformers.pytorch_utils.Conv1D`` stores its weight ``[in, out]`` (the transpose of a
+Linear; PEFT calls it ``fan_in_fan_out``). It is recognised by duck typing, so this module never
+imports transformers; its groups run along the input dimension exactly as a Linear's do, and its
+row blocks are columns of the stored weight.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .config import NMSparsityConfig
 from .errors import NMTargetError
 
-# Location rules on the end of a module name, first match wins. Covers transformers 5.x names
-# (q_proj, mlp.fc1), the older/on-disk names (attention.attention.query, intermediate.dense),
-# Swinv2 (attention.self.query) and timm (attn.qkv, attn.proj, mlp.fc1).
-_LOCATION_RULES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"(^|\.)attn\.qkv$"), "QKV"),
-    (re.compile(r"(^|\.)(q_proj|query)$"), "Q"),
-    (re.compile(r"(^|\.)(k_proj|key)$"), "K"),
-    (re.compile(r"(^|\.)(v_proj|value)$"), "V"),
-    (re.compile(r"(^|\.)(o_proj|attention\.output\.dense|attn\.proj)$"), "O"),
-    (re.compile(r"(^|\.)(mlp\.fc1|mlp\.fc2|intermediate\.dense|\d+\.output\.dense)$"), "FF"),
-]
+ALL_LINEAR = "all-linear"
 
-# Layers a preset always keeps dense, with the reason shown in the report.
-_ALWAYS_DENSE: list[tuple[re.Pattern[str], str]] = [
+# ---------------------------------------------------------------------------------- presets
+# Location -> regular expression for the end of a module name (it must match whole dot-separated
+# components). A fused location ("QKV", "KV") is split into row blocks, one per letter.
+_VISION = {
+    "QKV": r"attn\.qkv",
+    "Q": r"q_proj|query",
+    "K": r"k_proj|key",
+    "V": r"v_proj|value",
+    "O": r"o_proj|attention\.output\.dense|attn\.proj",
+    "FF": r"mlp\.fc1|mlp\.fc2|intermediate\.dense|\d+\.output\.dense",
+}
+_BERT = {
+    "Q": r"(attention|crossattention)\.self\.query",
+    "K": r"(attention|crossattention)\.self\.key",
+    "V": r"(attention|crossattention)\.self\.value",
+    "O": r"(attention|crossattention)\.output\.dense",
+    "FF": r"intermediate\.dense|\d+\.output\.dense",
+}
+_DEBERTA_V2 = {
+    "Q": r"attention\.self\.query_proj",
+    "K": r"attention\.self\.key_proj",
+    "V": r"attention\.self\.value_proj",
+    "O": r"attention\.output\.dense",
+    "FF": r"intermediate\.dense|\d+\.output\.dense",
+}
+_DISTILBERT = {
+    "Q": r"attention\.q_lin",
+    "K": r"attention\.k_lin",
+    "V": r"attention\.v_lin",
+    "O": r"attention\.out_lin",
+    "FF": r"ffn\.lin1|ffn\.lin2",
+}
+_T5 = {
+    "Q": r"(SelfAttention|EncDecAttention)\.q",
+    "K": r"(SelfAttention|EncDecAttention)\.k",
+    "V": r"(SelfAttention|EncDecAttention)\.v",
+    "O": r"(SelfAttention|EncDecAttention)\.o",
+    "FF": r"DenseReluDense\.(wi|wo|wi_0|wi_1)",
+}
+_LLAMA = {
+    "Q": r"self_attn\.q_proj",
+    "K": r"self_attn\.k_proj",
+    "V": r"self_attn\.v_proj",
+    "O": r"self_attn\.o_proj",
+    "FF": r"mlp\.(gate_proj|up_proj|down_proj)",
+}
+_PHI3 = {
+    "QKV": r"self_attn\.qkv_proj",
+    "O": r"self_attn\.o_proj",
+    "FF": r"mlp\.(gate_up_proj|down_proj)",
+}
+_GPT2 = {  # Conv1D layers; cross-attention (add_cross_attention) fuses only K and V
+    "QKV": r"attn\.c_attn",
+    "KV": r"crossattention\.c_attn",
+    "Q": r"crossattention\.q_attn",
+    "O": r"(attn|crossattention)\.c_proj",
+    "FF": r"mlp\.(c_fc|c_proj)",
+}
+
+NM_TARGET_PRESETS: dict[str, dict[str, str]] = {
+    # vision (``timm``: timm models, bare or through TimmWrapper)
+    "vit": _VISION,
+    "deit": _VISION,
+    "swin": _VISION,
+    "swinv2": _VISION,
+    "timm": _VISION,
+    # encoders
+    "bert": _BERT,
+    "roberta": _BERT,
+    "deberta-v2": _DEBERTA_V2,
+    "distilbert": _DISTILBERT,
+    # encoder-decoders
+    "t5": _T5,
+    "mt5": _T5,
+    # decoders
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "phi3": _PHI3,
+    "gpt2": _GPT2,
+}
+"""Layers a ``locations`` preset targets, by ``config.model_type``: location -> a regular
+expression for the end of the module name (whole dot-separated components). Fused locations
+(``QKV``, ``KV``) are split into one row block per letter."""
+
+_LOCATION_ORDER = ("QKV", "KV", "Q", "K", "V", "O", "FF")
+_Rules = list[tuple[re.Pattern[str], str]]
+
+
+def _compile(preset: dict[str, str]) -> _Rules:
+    return [
+        (re.compile(rf"(^|\.)(?:{preset[loc]})$"), loc) for loc in _LOCATION_ORDER if loc in preset
+    ]
+
+
+_RULES: dict[str, _Rules] = {key: _compile(preset) for key, preset in NM_TARGET_PRESETS.items()}
+# explicit patterns on a model without a preset: the vision rules (q_proj, query, mlp.fc1, ...)
+_GENERIC_RULES = _RULES["vit"]
+
+# Layers never sparse (presets and all-linear), with the reason shown in the report. The last
+# one only in a preset: ``all-linear`` includes Swin's patch merging, as PEFT's does.
+_NEVER_SPARSE: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"(^|\.)(patch_embeddings|patch_embed)(\.|$)"), "patch embedding (always dense)"),
     (
         re.compile(r"(^|\.)(continuous_position_bias_mlp|cpb_mlp)(\.|$)"),
         "Swinv2 position-bias MLP (always dense)",
     ),
-    (re.compile(r"(^|\.)downsample(\.|$)"), "patch merging (not a preset location)"),
-    (re.compile(r"(^|\.)(classifier|head|fc_norm|pooler)(\.|$)"), "classifier head (always dense)"),
+    (
+        re.compile(
+            r"(^|\.)(classifier|head|fc_norm|pooler|lm_head|score|qa_outputs|pre_classifier|cls|"
+            r"vocab_transform|vocab_projector)(\.|$)"
+        ),
+        "classifier head (always dense)",
+    ),
 ]
+_PRESET_ONLY_DENSE = (
+    re.compile(r"(^|\.)downsample(\.|$)"),
+    "patch merging (not a preset location)",
+)
 
-_HF_FAMILIES = {"vit", "deit", "swin", "swinv2"}
 _TIMM_PREFIXES = ("vit_", "deit", "swin", "swinv2", "eva", "beit")
 _TIMM_CLASSES = {"VisionTransformer", "SwinTransformer", "SwinTransformerV2", "Eva", "Beit"}
 
 
+# ---------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class SparseBlock:
     """A part of a layer's weight that follows one location's pattern.
 
-    ``rows`` is ``None`` for the whole weight, or ``(start, stop)`` output rows (timm's fused qkv).
+    ``rows`` is ``None`` for the whole weight, or ``(start, stop)`` output rows of a fused layer
+    (for a Conv1D, whose weight is stored ``[in, out]``, those are columns of the stored weight).
     """
 
     location: str
@@ -64,7 +183,11 @@ class SparseBlock:
 
 @dataclass
 class TargetLayer:
-    """A targeted layer: its name, the module, ``linear`` or ``conv``, and its sparse blocks."""
+    """A targeted layer: its name, the module, its kind and its sparse blocks.
+
+    ``kind`` is ``linear``, ``conv1d`` (transformers' Conv1D, weight stored ``[in, out]``:
+    ``fan_in_fan_out``) or ``conv``.
+    """
 
     name: str
     module: nn.Module
@@ -75,10 +198,21 @@ class TargetLayer:
     def locations(self) -> list[str]:
         return [b.location for b in self.blocks]
 
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """True when the stored weight is ``[in, out]`` (Conv1D): groups run along its dim 0."""
+        return self.kind == "conv1d"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape as a Linear/Conv2d lays it out (``[out, in, ...]``)."""
+        shape = tuple(self.module.weight.shape)
+        return shape[::-1] if self.fan_in_fan_out else shape
+
 
 @dataclass
 class SkippedLayer:
-    """A Linear/Conv2d layer left dense, and why."""
+    """A Linear/Conv1D/Conv2d layer left dense, and why."""
 
     name: str
     kind: str
@@ -86,28 +220,40 @@ class SkippedLayer:
     reason: str
 
 
-def location_of(name: str, module: nn.Module) -> str:
-    """The location a module's name implies: Q/K/V/O/FF (``QKV`` for a fused qkv), C for any
-    other Conv2d, FF for any other Linear (SPEC §1, explicit targets)."""
-    for pattern, loc in _LOCATION_RULES:
-        if pattern.search(name):
-            return loc
-    return "C" if isinstance(module, nn.Conv2d) else "FF"
+# ---------------------------------------------------------------------------------- layers
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2 style: ``y = x @ W + b``, W stored ``[in, out]``),
+    recognised by class name and shape so that transformers need not be imported."""
+    weight = getattr(module, "weight", None)
+    return (
+        any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
 
 
-def _preset_location(name: str) -> str | None:
-    for pattern, loc in _LOCATION_RULES:
-        if pattern.search(name):
-            return loc
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    if is_conv1d(module):
+        return "conv1d"
     return None
 
 
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    return [(n, m, k) for n, m in model.named_modules() if (k := _kind(m)) is not None]
+
+
 def model_family(model: nn.Module) -> str | None:
-    """``vit``, ``swin``, ``swinv2``, ``timm`` (incl. TimmWrapper), or None when no preset fits."""
+    """The `NM_TARGET_PRESETS` key of ``model``: its ``config.model_type``, ``timm`` for timm
+    models (bare or through TimmWrapper), or None when no preset fits."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type in _HF_FAMILIES:
-        return "swinv2" if model_type == "swinv2" else ("swin" if model_type == "swin" else "vit")
+    if model_type in NM_TARGET_PRESETS:
+        return model_type
     if model_type == "timm_wrapper":
         arch = str(getattr(config, "architecture", "")).lower()
         return "timm" if arch.startswith(_TIMM_PREFIXES) else None
@@ -116,6 +262,24 @@ def model_family(model: nn.Module) -> str | None:
     return None
 
 
+def _rule_location(name: str, rules: _Rules) -> str | None:
+    for pattern, loc in rules:
+        if pattern.search(name):
+            return loc
+    return None
+
+
+def location_of(name: str, module: nn.Module, family: str | None = None) -> str:
+    """The location a module's name implies under ``family``'s preset (the generic vision names
+    without one): Q/K/V/O/FF, a fused ``QKV``/``KV``, C for any other Conv2d, FF for any other
+    Linear or Conv1D (docs/METHOD.md §1, targets)."""
+    loc = _rule_location(name, _RULES.get(family, _GENERIC_RULES))
+    if loc is not None:
+        return loc
+    return "C" if isinstance(module, nn.Conv2d) else "FF"
+
+
+# ---------------------------------------------------------------------------------- names
 def matches(name: str, patterns: str | list[str] | None) -> bool:
     """PEFT's rule: a string is a regex that must match the whole name; a list matches exact names
     or name suffixes at a dot boundary."""
@@ -126,28 +290,278 @@ def matches(name: str, patterns: str | list[str] | None) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv"
-    return None
+def checkpoint_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """``{current module name: name in the checkpoint files}`` for the given modules whose weight
+    ``save_pretrained`` writes under another name (transformers 5.x reverts module renames such
+    as ``vit.layers.0.mlp.fc1`` -> ``vit.encoder.layer.0.intermediate.dense``).
+
+    Computed with transformers' own ``revert_weight_conversion``, pairing tensors by identity, and
+    only when transformers is already imported and ``model`` is a ``PreTrainedModel``; otherwise,
+    and for weights the conversion transforms rather than renames, nothing is returned.
+    """
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return {}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = model.state_dict()
+        saved = revert_weight_conversion(model, dict(state))
+    except Exception:  # older transformers, or a conversion this model cannot run: no aliases
+        return {}
+    keys_of: dict[int, list[str]] = {}
+    for key, tensor in saved.items():
+        keys_of.setdefault(id(tensor), []).append(key)
+    out = {}
+    for name in names:
+        tensor = state.get(f"{name}.weight")
+        keys = keys_of.get(id(tensor), []) if tensor is not None else []
+        if len(keys) == 1 and keys[0].endswith(".weight") and keys[0] != f"{name}.weight":
+            out[name] = keys[0].removesuffix(".weight")
+    return out
 
 
-def _blocks(name: str, module: nn.Module, location: str, wanted: tuple[str, ...] | None):
-    """Split a fused qkv into Q, K, V row blocks; keep only ``wanted`` locations (None: all)."""
-    if location == "QKV":
-        out_features = module.weight.shape[0]
-        if out_features % 3:
-            raise NMTargetError(
-                f"{name}: a fused qkv layer needs out_features divisible by 3, got "
-                f"{out_features}. Exclude it (exclude_modules) or target it by name."
+class _Names:
+    """Each layer's names: current, and on disk where they differ (patterns match either)."""
+
+    def __init__(self, model: nn.Module, layer_names: list[str], config: NMSparsityConfig):
+        wanted = config.target_modules is not None or config.exclude_modules is not None
+        self.disk = checkpoint_names(model, layer_names) if wanted else {}
+
+    def of(self, name: str) -> tuple[str, ...]:
+        disk = self.disk.get(name)
+        return (name,) if disk is None else (name, disk)
+
+    def match(self, name: str, patterns: str | list[str] | None) -> bool:
+        return any(matches(n, patterns) for n in self.of(name))
+
+
+def _nearest(entry: str, names: Iterable[str]) -> list[str]:
+    """Layer names (or their dotted suffixes) closest to ``entry``."""
+    candidates: set[str] = set()
+    for name in names:
+        parts = name.split(".")
+        candidates.update(".".join(parts[i:]) for i in range(len(parts)))
+    return difflib.get_close_matches(entry, sorted(candidates), n=3, cutoff=0.5)
+
+
+def _check_patterns_match(
+    model: nn.Module,
+    config: NMSparsityConfig,
+    layers: list[tuple[str, nn.Module, str]],
+    names: _Names,
+) -> None:
+    """Every ``target_modules`` / ``exclude_modules`` entry (a regex string counts as one) must
+    match at least one layer, by its current or its on-disk name; a target pattern must not
+    match a module with weights that is not a layer."""
+    if _is_all_linear(config.target_modules):
+        patterns = {"exclude_modules": config.exclude_modules}
+    else:
+        patterns = {
+            "target_modules": config.target_modules,
+            "exclude_modules": config.exclude_modules,
+        }
+        _check_non_layers(model, config.target_modules)
+    all_names = [n for name, _, _ in layers for n in names.of(name)]
+    for field_name, value in patterns.items():
+        if value is None:
+            continue
+        entries = [value] if isinstance(value, str) else value
+        for entry in entries:
+            probe = entry if isinstance(value, str) else [entry]
+            if any(matches(n, probe) for n in all_names):
+                continue
+            near = _nearest(entry, all_names)
+            hint = (
+                f"nearest layer names: {', '.join(map(repr, near))}"
+                if near
+                else f"layer names look like {', '.join(map(repr, all_names[:3]))}"
             )
-        d = out_features // 3
-        parts = [SparseBlock(loc, (i * d, (i + 1) * d)) for i, loc in enumerate("QKV")]
+            raise NMTargetError(
+                f"{field_name}={value!r}: {entry!r} matches no nn.Linear/Conv1D/nn.Conv2d layer "
+                f"of {type(model).__name__} ({hint}). A string is a regex matched against the "
+                f"whole name, a list matches names or name suffixes; current module names and "
+                f"the names in the checkpoint files both work."
+            )
+
+
+def _check_non_layers(model: nn.Module, patterns: str | list[str] | None) -> None:
+    """A target pattern that names a module with weights of its own (LayerNorm, Embedding, ...)
+    cannot be made N:M; containers and activations without parameters are passed over."""
+    if patterns is None:
+        return
+    bad = [
+        f"{name} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if _kind(module) is None
+        and any(True for _ in module.parameters(recurse=False))
+        and matches(name, patterns)
+    ]
+    if bad:
+        raise NMTargetError(
+            f"target_modules={patterns!r} matches modules that are neither nn.Linear nor "
+            f"nn.Conv2d (nor transformers' Conv1D): {', '.join(bad[:5])}. Point the patterns at "
+            f"the Linear/Conv2d layers inside them."
+        )
+
+
+def _is_all_linear(patterns: str | list[str] | None) -> bool:
+    return patterns == ALL_LINEAR or patterns == [ALL_LINEAR]
+
+
+# ---------------------------------------------------------------------------------- blocks
+def _fused_sizes(location: str, out_features: int, model_config) -> list[int] | None:
+    """Row counts of a fused projection's parts: from the attention shape in ``model_config``
+    (grouped-query QKV, e.g. Phi-3) when it adds up, else equal parts, else None."""
+    heads = getattr(model_config, "num_attention_heads", None)
+    kv_heads = getattr(model_config, "num_key_value_heads", None)
+    if location == "QKV" and heads and kv_heads:
+        head_dim = getattr(model_config, "head_dim", None) or (
+            getattr(model_config, "hidden_size", 0) // heads
+        )
+        q, kv = heads * head_dim, kv_heads * head_dim
+        if q + 2 * kv == out_features:
+            return [q, kv, kv]
+    if out_features % len(location):
+        return None
+    return [out_features // len(location)] * len(location)
+
+
+def _blocks(
+    target: TargetLayer, location: str, wanted: tuple[str, ...] | None, model_config=None
+) -> list[SparseBlock]:
+    """The blocks of ``target`` at ``location``: a fused location split into one row block per
+    letter (output features). Only ``wanted`` locations are kept (None: all)."""
+    if location in ("QKV", "KV"):
+        out_features = target.shape[0]
+        sizes = _fused_sizes(location, out_features, model_config)
+        if sizes is None:
+            raise NMTargetError(
+                f"{target.name}: a fused {location.lower()} layer needs out_features divisible "
+                f"by {len(location)}, got {out_features}. Exclude it (exclude_modules) or target "
+                f"it by name."
+            )
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        parts = [
+            SparseBlock(loc, (start, start + size))
+            for loc, start, size in zip(location, starts, sizes, strict=True)
+        ]
     else:
         parts = [SparseBlock(location)]
     return [p for p in parts if wanted is None or p.location in wanted]
+
+
+# ---------------------------------------------------------------------------------- resolution
+def _output_heads(model: nn.Module) -> set[int]:
+    """ids of the output embedding (``get_output_embeddings``) — the head ``all-linear`` skips."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {id(head)} if head is not None else set()
+
+
+def _never_sparse(name: str, preset: bool) -> str | None:
+    rules = _NEVER_SPARSE + [_PRESET_ONLY_DENSE] if preset else _NEVER_SPARSE
+    return next((reason for pattern, reason in rules if pattern.search(name)), None)
+
+
+class _Resolver:
+    """Decides, layer by layer, whether it is targeted (and its blocks) or skipped (and why)."""
+
+    def __init__(self, model: nn.Module, config: NMSparsityConfig, names: _Names):
+        self.config = config
+        self.names = names
+        self.family = model_family(model)
+        self.model_config = getattr(model, "config", None)
+        self.all_linear = _is_all_linear(config.target_modules)
+        self.explicit = config.target_modules is not None and not self.all_linear
+        self.heads = _output_heads(model) if self.all_linear else set()
+
+    def resolve(self, name: str, module: nn.Module, kind: str) -> TargetLayer | SkippedLayer:
+        shape = tuple(module.weight.shape)
+        target = TargetLayer(name, module, kind)
+        reason = self._skip_reason(name, module, kind)
+        if reason is not None:
+            return SkippedLayer(name, kind, shape, reason)
+        if self.explicit or self.all_linear:
+            target.blocks = _blocks(
+                target, location_of(name, module, self.family), None, self.model_config
+            )
+            return target
+        location = "C" if kind == "conv" else _rule_location(name, _RULES[self.family])
+        if location is None:
+            return SkippedLayer(name, kind, shape, "no preset location for this layer")
+        target.blocks = _blocks(target, location, self.config.locations, self.model_config)
+        if not target.blocks:
+            loc = "/".join(location) if location in ("QKV", "KV") else location
+            return SkippedLayer(
+                name, kind, shape, f"location {loc} not in locations {self.config.locations}"
+            )
+        return target
+
+    def _skip_reason(self, name: str, module: nn.Module, kind: str) -> str | None:
+        if self.names.match(name, self.config.exclude_modules):
+            return "excluded by exclude_modules"
+        if self.explicit:
+            matched = self.names.match(name, self.config.target_modules)
+            return None if matched else "not matched by target_modules"
+        if self.all_linear:
+            if kind == "conv":
+                return "not a Linear/Conv1D (all-linear)"
+            if id(module) in self.heads:
+                return "output head (always dense)"
+            return _never_sparse(name, preset=False)
+        return _never_sparse(name, preset=True)
+
+
+def _check_found(
+    model: nn.Module, config: NMSparsityConfig, family: str | None, targets: list[TargetLayer]
+) -> None:
+    if config.target_modules is not None:
+        if not targets:
+            raise NMTargetError(
+                f"target_modules={config.target_modules!r} leaves no layer of "
+                f"{type(model).__name__} to sparsify after exclude_modules="
+                f"{config.exclude_modules!r}. Narrow exclude_modules."
+            )
+        return
+    found = {b.location for t in targets for b in t.blocks}
+    missing = [loc for loc in config.locations if loc not in found]
+    if missing:
+        raise NMTargetError(
+            f"locations {missing} match no layer of {type(model).__name__} (family "
+            f"{family!r}; after exclude_modules). Drop them from locations, or name the layers "
+            f"with target_modules."
+        )
+
+
+def _check_tied(model: nn.Module, targets: list[TargetLayer]) -> None:
+    """Refuse a targeted weight that another module shares (tied ``lm_head`` / embeddings):
+    masking it would silently mask the other module too."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{name}.{pname}" if name else pname)
+    for target in targets:
+        own = f"{target.name}.weight"
+        others = [n for n in owners.get(id(target.module.weight), []) if n != own]
+        if others:
+            raise NMTargetError(
+                f"{own} is tied to {', '.join(others)} (the same tensor, e.g. "
+                f"tie_word_embeddings=True): making {target.name} N:M would also zero entries "
+                f"of {others[0].rsplit('.', 1)[0]}. Leave {target.name!r} out of target_modules "
+                f"(or add it to exclude_modules), or untie the weights (e.g. "
+                f"config.tie_word_embeddings=False before building the model)."
+            )
+
+
+def _no_preset_error(model: nn.Module) -> NMTargetError:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return NMTargetError(
+        f"model {type(model).__name__} (model_type={model_type!r}) has no nmsparse_hf preset "
+        f"(presets: {', '.join(sorted(NM_TARGET_PRESETS))}, incl. TimmWrapper). Pass "
+        f"target_modules, e.g. target_modules=['fc1', 'fc2'], a regex such as "
+        f"r'.*\\.mlp\\.fc[12]', or 'all-linear'."
+    )
 
 
 def find_targets(
@@ -155,91 +569,30 @@ def find_targets(
 ) -> tuple[list[TargetLayer], list[SkippedLayer]]:
     """Resolve the sparse layers of ``model`` under ``config``.
 
-    With ``config.target_modules`` set, every matching Linear/Conv2d is targeted whatever its
-    location (the location still picks its pattern: Q/K/V use the qkv pattern); otherwise the
-    model-family preset targets the layers of ``config.locations``. ``exclude_modules`` applies
-    last in both cases.
+    With ``config.target_modules`` set, every matching Linear/Conv1D/Conv2d is targeted whatever
+    its location (the location, from the family's preset or the layer's name, still picks its
+    pattern: Q/K/V use the qkv pattern); ``"all-linear"`` targets every Linear/Conv1D except the
+    output head and the never-sparse layers. Otherwise the model-family preset targets the layers
+    of ``config.locations``. ``exclude_modules`` applies last in every case. Patterns match the
+    current module names and the on-disk names of a ``PreTrainedModel``.
 
     Raises:
-        NMTargetError: no preset and no patterns; a pattern or a configured location that matches
-            no layer; a matched module that is neither Linear nor Conv2d.
+        NMTargetError: no preset and no patterns; a pattern entry or a configured location that
+            matches no layer (with the nearest names); a target pattern that matches a module
+            with weights that is not a layer; a targeted weight tied to another module.
     """
-    explicit = config.target_modules is not None
     family = model_family(model)
-    if not explicit and family is None:
-        raise NMTargetError(
-            f"model {type(model).__name__} "
-            f"(model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r}) has no "
-            f"nmsparse_hf preset (presets: HF ViT, Swin, Swinv2, timm ViT/Swin incl. "
-            f"TimmWrapper). Pass target_modules, e.g. target_modules=['fc1', 'fc2'] or a regex "
-            f"such as r'.*\\.mlp\\.fc[12]'."
-        )
+    if config.target_modules is None and family is None:
+        raise _no_preset_error(model)
+    layers = _layers(model)
+    names = _Names(model, [name for name, _, _ in layers], config)
+    _check_patterns_match(model, config, layers, names)
+    resolver = _Resolver(model, config, names)
     targets: list[TargetLayer] = []
     skipped: list[SkippedLayer] = []
-    matched_non_layer: list[str] = []
-    for name, module in model.named_modules():
-        kind = _kind(module)
-        if kind is None:
-            # a matched module with weights of its own (LayerNorm, Embedding, ...) cannot be
-            # made N:M; containers and activations without parameters are passed over
-            has_own_params = any(True for _ in module.parameters(recurse=False))
-            if explicit and has_own_params and matches(name, config.target_modules):
-                matched_non_layer.append(f"{name} ({type(module).__name__})")
-            continue
-        shape = tuple(module.weight.shape)
-        if matches(name, config.exclude_modules):
-            skipped.append(SkippedLayer(name, kind, shape, "excluded by exclude_modules"))
-            continue
-        if explicit:
-            if not matches(name, config.target_modules):
-                skipped.append(SkippedLayer(name, kind, shape, "not matched by target_modules"))
-                continue
-            blocks = _blocks(name, module, location_of(name, module), None)
-            targets.append(TargetLayer(name, module, kind, blocks))
-            continue
-        reason = next((r for p, r in _ALWAYS_DENSE if p.search(name)), None)
-        if reason is not None:
-            skipped.append(SkippedLayer(name, kind, shape, reason))
-            continue
-        location = _preset_location(name) if kind == "linear" else "C"
-        if location is None:
-            skipped.append(SkippedLayer(name, kind, shape, "no preset location for this layer"))
-            continue
-        blocks = _blocks(name, module, location, config.locations)
-        if not blocks:
-            loc = "Q/K/V" if location == "QKV" else location
-            skipped.append(
-                SkippedLayer(
-                    name, kind, shape, f"location {loc} not in locations {config.locations}"
-                )
-            )
-            continue
-        targets.append(TargetLayer(name, module, kind, blocks))
-
-    if matched_non_layer:
-        raise NMTargetError(
-            f"target_modules={config.target_modules!r} matches modules that are neither "
-            f"nn.Linear nor nn.Conv2d: {', '.join(matched_non_layer[:5])}. Point the patterns at "
-            f"the Linear/Conv2d layers inside them."
-        )
-    if explicit and not targets:
-        raise NMTargetError(
-            f"target_modules={config.target_modules!r} matches no nn.Linear/nn.Conv2d layer of "
-            f"{type(model).__name__}. Layer names look like {_examples(skipped)}; a string is a "
-            f"regex matched against the whole name, a list matches name suffixes."
-        )
-    if not explicit:
-        found = {b.location for t in targets for b in t.blocks}
-        missing = [loc for loc in config.locations if loc not in found]
-        if missing:
-            raise NMTargetError(
-                f"locations {missing} match no layer of {type(model).__name__} (family "
-                f"{family!r}; after exclude_modules). Drop them from locations, or name the layers "
-                f"with target_modules."
-            )
+    for name, module, kind in layers:
+        result = resolver.resolve(name, module, kind)
+        (targets if isinstance(result, TargetLayer) else skipped).append(result)
+    _check_found(model, config, family, targets)
+    _check_tied(model, targets)
     return targets, skipped
-
-
-def _examples(skipped: list[SkippedLayer]) -> str:
-    names = [s.name for s in skipped[:3]]
-    return ", ".join(repr(n) for n in names) if names else "(the model has no Linear layers)"

@@ -37,7 +37,7 @@ def run_ddp(a) -> None:
     import torch.distributed as dist
     from transformers import TrainerCallback
 
-    from nmsparse_hf.trainer import NMSparseTrainer
+    from nmsparse_hf.integrations import NMSparseTrainer
 
     model = tiny_vit()
     args = tiny_training_args(
@@ -316,7 +316,7 @@ def run_fsdp_trainer(a) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from nmsparse_hf.trainer import NMSparseTrainer
+    from nmsparse_hf.integrations import NMSparseTrainer
 
     _force_fsdp_on_cpu()
     model = tiny_vit()
@@ -358,21 +358,44 @@ def run_fsdp_trainer(a) -> None:
     from nmsparse_hf import is_nm
 
     evidence["full_nm"] = {n: is_nm(w.detach(), 1, 4) for n, w in full.items()}
-    # what a sparse checkpoint would record: counts must cover the whole weights, not one shard
-    from nmsparse_hf import hub
-
-    meta = hub.sparse_metadata(trainer.model_wrapped, trainer.sparsifier)
-    evidence["metadata_numel"] = meta["numel"]
     evidence["full_numel"] = sum(w.numel() for w in full.values())
     evidence["full_nonzeros"] = sum(int((w != 0).sum()) for w in full.values())
-    evidence["metadata_nonzeros"] = meta["nonzeros"]
-    evidence["metadata_achieved"] = meta["achieved_sparsity"]
     _dump(a.out, rank, evidence)
+    # count the all-gathers of the sparse export: one per sharded parameter, no more
+    # count the gathers of the sparse export: each sharded parameter is gathered once
+    # (get_model_state_dict redistributes every DTensor to a replicated one; full_tensor would too)
+    gathers: dict[str, int] = {}
+    patched = [(name, getattr(DTensor, name)) for name in ("full_tensor", "redistribute")]
+
+    def counter(key, fn):
+        def counting(*args, **kwargs):
+            gathers[key] = gathers.get(key, 0) + 1
+            return fn(*args, **kwargs)
+
+        return counting
+
+    for name, fn in patched:
+        setattr(DTensor, name, counter(name, fn))
     try:
         trainer.save_model(os.path.join(a.out, "final"))
         evidence["save_model"] = "ok"
     except Exception as exc:  # noqa: BLE001 - reported to the test
         evidence["save_model"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        for name, fn in patched:
+            setattr(DTensor, name, fn)
+    evidence["save_gathers"] = sum(gathers.values())
+    evidence["sharded_params"] = sum(
+        isinstance(p, DTensor) for p in trainer.model_wrapped.parameters()
+    )
+    if rank == 0 and evidence["save_model"] == "ok":
+        # what the checkpoint records: counts of the whole weights, not of one shard
+        from nmsparse_hf.export import load_sparse_metadata
+
+        meta = load_sparse_metadata(os.path.join(a.out, "final"))
+        evidence["metadata_numel"] = meta.numel
+        evidence["metadata_nonzeros"] = meta.nonzeros
+        evidence["metadata_achieved"] = meta.achieved_sparsity
     _dump(a.out, rank, evidence)
 
 

@@ -31,7 +31,7 @@ def main(argv=None):
     from transformers import Trainer, TrainerCallback
 
     from nmsparse_hf import NMSparsityConfig
-    from nmsparse_hf.trainer import NMSparseTrainer, NMSparsityCallback
+    from nmsparse_hf.integrations import NMSparseTrainer, NMSparsityCallback
 
     p = argparse.ArgumentParser()
     p.add_argument("out")

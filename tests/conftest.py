@@ -121,7 +121,7 @@ def free_port() -> int:
 
 def tiny_training_args(output_dir, **overrides):
     """`SparseTrainingArguments` for the tiny test runs: CPU, seeded, no reporting, no saving."""
-    from nmsparse_hf.trainer import SparseTrainingArguments
+    from nmsparse_hf.integrations import SparseTrainingArguments
 
     values = dict(
         output_dir=str(output_dir),

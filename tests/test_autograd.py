@@ -1,4 +1,4 @@
-"""Executable spec of the effective weight (SPEC §4): forward W̃ and the gradient written to W.
+"""Executable spec of the effective weight (docs/METHOD.md §4): forward W̃ and the gradient written to W.
 
 Every case uses small literal tensors and a known upstream gradient G = ∂L/∂W̃, injected with
 ``(out * G).sum().backward()``.

@@ -40,7 +40,7 @@ def _streaming_without_max_steps():
 
 
 def _seed_yaml_unknown_key(tmp_path):
-    from nmsparse_hf.recipe import parse_args
+    from nmsparse_hf.recipes.image_classification import parse_args
 
     path = tmp_path / "seed.yaml"
     path.write_text("model: vit_base_patch16_224\nepochs: 10\nlr_base: 0.001\nm_sparsityy: 8\n")
@@ -56,7 +56,7 @@ def _unknown_our_key():
 
 
 def _metadata_disagrees(tmp_path):
-    from nmsparse_hf.hub import save_sparse_pretrained, verify_checkpoint
+    from nmsparse_hf.export import save_sparse_pretrained, verify_checkpoint
 
     model = tiny_vit()
     sp = NMSparsifier(model, NMSparsityConfig(), 4)
@@ -69,7 +69,7 @@ def _metadata_disagrees(tmp_path):
 
 
 def _trainer_too_short_for_sdgf(tmp_path):
-    from nmsparse_hf.trainer import NMSparseTrainer, SparseTrainingArguments
+    from nmsparse_hf.integrations import NMSparseTrainer, SparseTrainingArguments
 
     class Data(torch.utils.data.Dataset):
         def __len__(self):
@@ -102,19 +102,19 @@ def _trainer_too_short_for_sdgf(tmp_path):
 def _plain_training_arguments(tmp_path):
     from transformers import TrainingArguments
 
-    from nmsparse_hf.trainer import NMSparseTrainer
+    from nmsparse_hf.integrations import NMSparseTrainer
 
     NMSparseTrainer(model=tiny_vit(), args=TrainingArguments(output_dir=str(tmp_path)))
 
 
 def _unknown_model_config():
-    from nmsparse_hf.recipe import ModelArguments, build_model
+    from nmsparse_hf.recipes.models import ModelArguments, build_model
 
     build_model(ModelArguments(model_config="vit-huge"), "vit", None, 10)
 
 
 def _bad_overrides():
-    from nmsparse_hf.recipe import parse_overrides
+    from nmsparse_hf.recipes.models import parse_overrides
 
     parse_overrides("drop_path_rate")
 

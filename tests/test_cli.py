@@ -203,7 +203,7 @@ def test_schedule_reads_training_yamls_and_refuses_misspelt_keys(tmp_path, capsy
     assert main(["schedule", str(path), "--total-steps", "10"]) == 0
     rows = table_rows(capsys.readouterr().out)
     assert rows[0] == ["sparse", "0", "2:4", "sparse", "starts"]
-    recipe = Path(__file__).parents[1] / "recipes" / "configs" / "vit_digits.yaml"
+    recipe = Path(__file__).parents[1] / "nmsparse_hf" / "recipes" / "configs" / "vit_digits.yaml"
     assert main(["schedule", str(recipe), "--total-steps", "360"]) == 0
     capsys.readouterr()
     # a key that is neither a sparsity nor a training key is a misspelling
@@ -232,3 +232,243 @@ def test_report_lists_targets_of_a_model_family(tmp_path, capsys):
     assert "vit.layers.11.mlp.fc2  FF  target 2:4" in out
     assert "vit.layers.0.attention.q_proj  Q  target 2:4" in out
     assert "classifier" in out.split("skipped")[1]
+
+
+def test_report_builds_the_model_a_recipe_config_names(capsys):
+    # the shipped digits recipe trains a 4-layer ViT: the report is about that model, not ViT-B
+    recipe = Path(__file__).parents[1] / "nmsparse_hf" / "recipes" / "configs" / "vit_digits.yaml"
+    assert main(["report", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "model: model_config=vit-digits"
+    assert "targeted (8 blocks):" in out
+    assert "vit.layers.3.mlp.fc2  FF  target 1:8" in out
+    assert "vit.layers.4." not in out
+
+
+def test_report_applies_config_overrides_and_reads_a_local_config(tmp_path, capsys):
+    from transformers import ViTConfig
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "model_config: vit-digits\nconfig_overrides: num_hidden_layers=2\nn_keep: 2\nm: 4\n"
+        "locations: FF,Q\nlearning_rate: 0.001\n"
+    )
+    assert main(["report", str(path), "--total_steps", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "targeted (6 blocks):" in out  # 2 layers x (fc1, fc2, q_proj)
+    assert "vit.layers.1.attention.q_proj  Q  target 2:4" in out
+    # model_name_or_path: the architecture of its config.json (no weights are read)
+    model_dir = tmp_path / "pretrained"
+    ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+    ).save_pretrained(model_dir)
+    path.write_text(f"model_name_or_path: {model_dir}\nn_keep: 1\nm: 8\nlocations: FF\n")
+    assert main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"model: {model_dir}")
+    assert "targeted (6 blocks):" in out and "vit.layers.2.mlp.fc1  FF  target 1:8" in out
+
+
+def test_report_without_a_model_needs_a_family(tmp_path, capsys):
+    path = tmp_path / "ff.yaml"
+    path.write_text("n_keep: 2\nm: 4\n")
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "names no model" in err and "--model-type" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["report", str(tmp_path / "missing.yaml"), "--model-type", "vit"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------- options
+def test_version(capsys):
+    import nmsparse_hf
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"nmsparse_hf {nmsparse_hf.__version__}"
+
+
+def test_every_multi_word_option_takes_both_spellings():
+    import argparse
+
+    from nmsparse_hf.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    multi_word = 0
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and "-" in flag[2:]:
+                    multi_word += 1
+                    assert "--" + flag[2:].replace("-", "_") in action.option_strings, (name, flag)
+    assert multi_word >= 6  # total-steps x2, ignore-unknown x2, model-type, commit-message, ...
+
+
+def test_schedule_and_report_accept_underscore_spellings(seed_yaml, tmp_path, capsys):
+    assert main(["schedule", str(seed_yaml), "--total_steps", "200", "--every", "50"]) == 0
+    assert sorted(table_rows(capsys.readouterr().out)) == [
+        0,
+        20,
+        50,
+        55,
+        90,
+        100,
+        125,
+        150,
+        160,
+        199,
+    ]
+    path = tmp_path / "train.yaml"
+    path.write_text("lr_bse: 0.001\nn_keep: 2\nm: 4\n")
+    assert main(["schedule", str(path), "--total_steps", "10", "--ignore_unknown"]) == 0
+    capsys.readouterr()
+    args = ["report", str(path), "--model_type", "vit", "--total_steps", "10", "--ignore_unknown"]
+    assert main(args) == 0
+    assert "targeted (24 blocks):" in capsys.readouterr().out  # ViT-B: 12 x (fc1, fc2)
+
+
+# ---------------------------------------------------------------------------------- streaming
+def test_schedule_streams_a_billion_steps(seed_yaml):
+    """``--every 1`` over 10^9 steps prints its first rows at once, in bounded memory (the process
+    is capped at 2 GiB of data), and a reader that stops early ends it cleanly."""
+    import resource
+
+    def cap_memory():
+        resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nmsparse_hf.cli", "schedule", str(seed_yaml)]
+        + ["--total-steps", "1000000000", "--every", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=cap_memory,
+    )
+    try:
+        head = [proc.stdout.readline() for _ in range(2000)]
+        proc.stdout.close()  # the reader stops, as `| head` does
+        assert proc.wait(timeout=120) == 0
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert err == ""
+    assert (
+        head[0].startswith("SDGF-stepwise+MDGF-exp: FF 1:8") and "total_steps=1000000000" in head[0]
+    )
+    rows = table_rows("".join(head))
+    assert sorted(rows) == list(range(len(rows))) and len(rows) == 1998
+    assert rows[0][:2] == ["dense", "1"] and rows[1997][:2] == ["dense", "1"]
+
+
+# ---------------------------------------------------------------------------------- push
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """HfApi with its two network calls replaced by recorders."""
+    from huggingface_hub import HfApi
+
+    calls: dict[str, object] = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs, self.token)
+
+    def upload_folder(self, **kwargs):
+        calls["upload_folder"] = kwargs
+        return "https://huggingface.co/user/vit-sparse/commit/abc"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_verifies_then_uploads(ckpt, hub_calls, capsys):
+    argv = ["push", str(ckpt), "user/vit-sparse", "--token", "hf_test", "--private"]
+    argv += ["--revision", "dev", "--commit_message", "sparse ViT", "--create-pr"]
+    assert main(argv) == 0
+    assert "pushed" in capsys.readouterr().out
+    repo_id, kwargs, token = hub_calls["create_repo"]
+    assert (repo_id, kwargs["private"], kwargs["exist_ok"], token) == (
+        "user/vit-sparse",
+        True,
+        True,
+        "hf_test",
+    )
+    upload = hub_calls["upload_folder"]
+    assert upload["repo_id"] == "user/vit-sparse" and Path(upload["folder_path"]) == ckpt
+    assert (upload["revision"], upload["commit_message"], upload["create_pr"]) == (
+        "dev",
+        "sparse ViT",
+        True,
+    )
+
+
+def test_push_refuses_a_failing_checkpoint_and_bad_input(ckpt, tmp_path, hub_calls, capsys):
+    path = tmp_path / "bad"
+    shutil.copytree(ckpt, path)
+    corrupt_one_pruned_weight(path, "vit.encoder.layer.1.intermediate.dense")
+    assert main(["push", str(path), "user/vit-sparse"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nmsparse push: not pushed") and len(err.strip().splitlines()) == 1
+    assert main(["push", str(tmp_path / "nowhere"), "user/vit-sparse"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nmsparse push: cannot push") and len(err.strip().splitlines()) == 1
+    assert hub_calls == {}  # nothing reached the Hub
+
+
+def test_push_reports_a_hub_failure_in_one_line(ckpt, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    def refuse(self, repo_id, **kwargs):
+        raise RuntimeError("401 Client Error: Unauthorized\nInvalid credentials")
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    assert main(["push", str(ckpt), "user/vit-sparse"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nmsparse push: upload to user/vit-sparse failed: 401 Client Error")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_report_of_a_text_recipe_config(tmp_path, capsys):
+    """A text recipe's config (its own keys pass) naming a seq2seq model: the report builds it."""
+    from transformers import T5Config
+
+    T5Config(
+        d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=100
+    ).save_pretrained(tmp_path / "t5")
+    path = tmp_path / "glue.yaml"
+    path.write_text(
+        f"model_name_or_path: {tmp_path / 't5'}\nmax_source_length: 512\n"
+        "dataset_config_name: mnli\nn_keep: 1\nm: 32\nlocations: FF\n"
+    )
+    assert main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "targeted (8 blocks):" in out  # encoder and decoder: 2 blocks x (wi, wo) each
+    assert "decoder.block.1.layer.2.DenseReluDense.wo  FF  target 1:32" in out
+
+
+@pytest.mark.parametrize("command", ["schedule", "report"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"n_keep: [1\n", "YAML syntax error"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff", "not a YAML text file"),
+        (b"- 1\n- 2\n", "expected a mapping"),
+    ],
+)
+def test_unreadable_config_exits_2_in_one_line(tmp_path, capsys, command, content, message):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    extra = ["--total-steps", "10"] if command == "schedule" else ["--model-type", "vit"]
+    assert main([command, str(path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nmsparse {command}: ") and message in err
+    assert len(err.strip().splitlines()) == 1

@@ -1,4 +1,4 @@
-"""Executable spec of `NMSparsityConfig` (SPEC §2): defaults, our keys and the seed's keys and enum
+"""Executable spec of `NMSparsityConfig` (docs/METHOD.md §2): defaults, our keys and the seed's keys and enum
 spellings, round trips, and one clear error per invalid setting."""
 
 from __future__ import annotations
@@ -379,3 +379,15 @@ def test_integral_floats_become_ints():
 )
 def test_recipe_name(kw, name):
     assert NMSparsityConfig(**kw).recipe_name == name
+
+
+def test_from_yaml_refuses_unreadable_files_in_one_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("n_keep: 1\nm: [8\n")
+    with pytest.raises(NMSparsityConfigError, match=r"broken\.yaml:3: YAML syntax error"):
+        NMSparsityConfig.from_yaml(path)
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(NMSparsityConfigError, match="not a YAML text file"):
+        NMSparsityConfig.from_yaml(path)
+    with pytest.raises(NMSparsityConfigError, match="does not exist"):
+        NMSparsityConfig.from_yaml(tmp_path)

@@ -19,8 +19,6 @@ from conftest import free_port
 from PIL import Image
 
 from nmsparse_hf.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     DataArguments,
     DataArgumentsError,
     MixupCollator,
@@ -29,14 +27,14 @@ from nmsparse_hf.data import (
     load_digits_dataset,
     load_image_dataset,
     make_compute_metrics,
-    metric_path,
-    normalization_from,
-    parse_randaugment,
-    prepare_image_datasets,
     require_max_steps,
     resolve_columns,
+    transforms_from_args,
     with_transforms,
 )
+from nmsparse_hf.data.arguments import IMAGENET_MEAN, IMAGENET_STD, parse_randaugment
+from nmsparse_hf.data.metrics import metric_path
+from nmsparse_hf.data.transforms import normalization_from
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "fox")
@@ -163,7 +161,10 @@ def test_imagefolder_map_style_carves_a_stratified_eval_split(imagefolder):
 def test_imagefolder_is_detected_from_data_dir_and_transformed(imagefolder):
     args = DataArguments(data_dir=str(imagefolder), eval_fraction=1 / 3, image_size=16)
     assert args.source == "imagefolder"
-    train, evaluation, names = prepare_image_datasets(args)
+    raw_train, raw_eval, names = load_image_dataset(args)
+    train_tf, eval_tf = transforms_from_args(args)
+    train = with_transforms(raw_train, train_tf, "image", "label")
+    evaluation = with_transforms(raw_eval, eval_tf, "image", "label")
     for example in (train[0], evaluation[0], train[len(train) - 1]):
         assert example["pixel_values"].shape == (3, 16, 16)  # L and CMYK became RGB
         assert example["pixel_values"].dtype == torch.float32
@@ -434,7 +435,7 @@ def test_eval_transform_normalizes_exactly():
 def test_eval_transform_resizes_by_0_875_then_center_crops():
     tf = build_transforms(14, mean=(0, 0, 0), std=(1, 1, 1), train=False)
     names = [type(t).__name__ for t in tf.transforms]
-    assert names == ["function", "Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert names == ["function", "Resize", "CenterCrop", "MaybeToTensor", "Normalize"]  # timm's
     assert tf.transforms[1].size == 16  # int(14 / 0.875)
     # A 16x16 image is not resized; the crop keeps exactly the central 14x14 pixels.
     one_pixel_border = Image.new("RGB", (16, 16))
@@ -450,22 +451,23 @@ def test_train_transform_converts_any_mode_to_rgb(mode):
     torch.manual_seed(0)
     tf = build_transforms(8, train=True, randaugment="m9-n2", random_erasing=0.5)
     names = [type(t).__name__ for t in tf.transforms]
-    assert names == [
+    assert names == [  # timm's training transform (timm.data.create_transform)
         "function",
-        "RandomResizedCrop",
+        "RandomResizedCropAndInterpolation",
         "RandomHorizontalFlip",
         "RandAugment",
-        "ToTensor",
+        "MaybeToTensor",
         "Normalize",
         "RandomErasing",
     ]
-    assert (tf.transforms[3].num_ops, tf.transforms[3].magnitude) == (2, 9)
+    randaugment = tf.transforms[3]
+    assert randaugment.num_layers == 2
+    assert {(op.magnitude, op.prob) for op in randaugment.ops} == {(9, 1.0)}
     out = tf(_image(3, mode, size=20))
     assert out.shape == (3, 8, 8) and out.dtype == torch.float32
 
 
 def test_digits_transforms_skip_flips_and_keep_most_of_the_digit():
-    from nmsparse_hf.data import transforms_from_args
 
     train_tf, _ = transforms_from_args(DataArguments())
     names = [type(t).__name__ for t in train_tf.transforms]
@@ -569,7 +571,7 @@ def test_soft_labels_give_the_vit_bce_loss():
 def test_shipped_metric_modules_load_by_path():
     import evaluate
 
-    accuracy = evaluate.load(str(REPO / "nmsparse_hf" / "metrics" / "accuracy.py"))
+    accuracy = evaluate.load(str(REPO / "nmsparse_hf" / "data" / "metric_scripts" / "accuracy.py"))
     assert accuracy.compute(predictions=[0, 1, 2, 2], references=[0, 1, 1, 2]) == {"accuracy": 0.75}
     top5 = evaluate.load(metric_path("top5"))
     ranked = [[3, 1, 0, 2, 4], [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [9, 8, 7, 6, 5]]
@@ -601,7 +603,7 @@ def test_hub_metric_names_pass_through_to_evaluate_load():
     with mock.patch("evaluate.load", fake):
         compute = make_compute_metrics(("accuracy", "f1"))
     assert fake.call_args_list == [
-        mock.call(str(REPO / "nmsparse_hf" / "metrics" / "accuracy.py"), keep_in_memory=True),
+        mock.call(str(REPO / "nmsparse_hf" / "data" / "metric_scripts" / "accuracy.py"), keep_in_memory=True),
         mock.call("f1", keep_in_memory=True),
     ]
     from transformers import EvalPrediction

@@ -221,7 +221,7 @@ def test_ddp_two_gloo_processes_nmsparse_trainer(tmp_path):
         assert t0[key].dtype == torch.bool
     # the saved final checkpoint (rank 0) is N:M where its metadata says so
     final = out / "final"
-    from nmsparse_hf import hub
+    from nmsparse_hf.export import checkpoint as hub
 
     if hasattr(hub, "verify_checkpoint"):
         report = hub.verify_checkpoint(final)
@@ -320,13 +320,17 @@ def test_fsdp2_nmsparse_trainer_through_accelerate(tmp_path):
         assert e["global_step"] == 8 and e["finalized"]
         # on_train_end finalized each rank's local shard; the gathered weights are all 1:4
         assert all(e["full_nm"].values())
-        # the metadata counts the whole (gathered) weights, not one rank's shard
-        assert e["metadata_numel"] == e["full_numel"]
-        assert e["metadata_nonzeros"] == e["full_nonzeros"]
-        assert e["metadata_achieved"] == 1.0 - e["full_nonzeros"] / e["full_numel"]
         assert e["save_model"] == "ok"
+        # the sparse export gathers each sharded weight once (one full state dict), no more
+        assert e["sharded_params"] > 0
+        assert e["save_gathers"] == e["sharded_params"], (e["save_gathers"], e["sharded_params"])
+    # the metadata counts the whole (gathered) weights, not one rank's shard
+    (e,) = [e for e in ranks if e["rank"] == 0]
+    assert e["metadata_numel"] == e["full_numel"]
+    assert e["metadata_nonzeros"] == e["full_nonzeros"]
+    assert e["metadata_achieved"] == 1.0 - e["full_nonzeros"] / e["full_numel"]
     # the sparse export gathers the full state dict: a plain checkpoint that verifies
-    from nmsparse_hf.hub import verify_checkpoint
+    from nmsparse_hf.export import verify_checkpoint
 
     assert verify_checkpoint(out / "final").ok
     print(

@@ -1,9 +1,10 @@
 """The fused sparse Linear (`SparseLinear`) against its unfused definition, and what it saves.
 
-Reference: ``F.linear(x, effective_weight(W, m, α, λ, freeze), b)`` — the contract of SPEC §4 that
-tests/test_autograd.py pins on literal tensors. The fused Function must give the same output and
-the same gradients for x, W and b, for every recipe, and keep only the bool mask on top of what a
-dense Linear saves for backward (docs/BENCHMARKS.md §2: saving W̃ cost 11-15% of the activations).
+Reference: ``F.linear(x, effective_weight(W, m, α, λ, freeze), b)`` — the contract of
+docs/METHOD.md §4 that tests/test_autograd.py pins on literal tensors. The fused Function must
+give the same output and the same gradients for x, W and b, for every recipe, and keep only the
+bool mask on top of what a dense Linear saves for backward (docs/BENCHMARKS.md §2: saving W̃
+cost 11-15% of the activations).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_vit
 
 from nmsparse_hf import NMSparsifier, NMSparsityConfig, NMSparsityError
-from nmsparse_hf.kernels import (
+from nmsparse_hf.export.inference import (
     cuda_semi_structured_available,
     semi_structured_candidates,
     to_semi_structured,

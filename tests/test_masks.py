@@ -1,4 +1,4 @@
-"""Executable spec of the N:M mask Φ(W; N, M, dim) (SPEC §1, §3): `nm_mask`, `is_nm`,
+"""Executable spec of the N:M mask Φ(W; N, M, dim) (docs/METHOD.md §1, §3): `nm_mask`, `is_nm`,
 `nm_group_nonzeros`, `check_divisible`.
 
 Expected masks are written out by hand; the random-shape tests use an independent oracle (a stable
@@ -413,7 +413,7 @@ def test_compiled_masks_trace_without_graph_breaks():
 def test_2_4_network_finds_no_tie_in_a_tie_free_weight():
     """The 2:4 fast path decides ties from its own 2nd/3rd largest: on a weight with no tie at any
     group's keep/prune boundary it must say so, or every call falls back to the slow exact path
-    (session 1 compared high > low, true for only some orderings, and took that path ~always)."""
+    (an earlier version compared high > low, true for only some orderings, and took that path ~always)."""
     from nmsparse_hf.masks import _group_view, _nth_largest
 
     weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))

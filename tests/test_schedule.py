@@ -1,4 +1,4 @@
-"""Executable spec of the sparsity schedule (SPEC §4): phases, MDGF alpha, SDGF stages.
+"""Executable spec of the sparsity schedule (docs/METHOD.md §5): phases, MDGF alpha, SDGF stages.
 
 ``SparsitySchedule(config, total_steps).at(step)`` is a pure function of the 0-based optimizer
 step. sparse_start = round-half-up(dense_fraction * T), finetune_start = T -

@@ -157,7 +157,7 @@ def test_frozen_finetune_keeps_pruned_weights_exactly_zero_through_adamw(batch):
 
 
 def test_recompute_finetune_mask_follows_weights(batch):
-    """Without freezing, the fine-tune mask is recomputed from |W| every step (SPEC §4 cadence)."""
+    """Without freezing, the fine-tune mask is recomputed from |W| every step (docs/METHOD.md §4, cadence)."""
     x, y = batch
     model = tiny_vit()
     sp = NMSparsifier(model, NMSparsityConfig(finetune_fraction=0.9), total_steps=10)

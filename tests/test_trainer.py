@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, HfArgumentParser, Trainer
 
 from nmsparse_hf import NMSparsityConfig, NMSparsityConfigError, verify_nm
-from nmsparse_hf.trainer import NMSparseTrainer, NMSparsityCallback, SparseTrainingArguments
+from nmsparse_hf.integrations import NMSparseTrainer, NMSparsityCallback, SparseTrainingArguments
 
 WORKER = Path(__file__).with_name("_trainer_worker.py")
 
@@ -125,7 +125,7 @@ def _train_and_save(model, tmp_path, **kw):
     ids=["vit", "swin", "swinv2", "timm"],
 )
 def test_trainer_trains_finalizes_and_saves_a_sparse_checkpoint(factory, tmp_path):
-    from nmsparse_hf.hub import verify_checkpoint
+    from nmsparse_hf.export import verify_checkpoint
 
     model = factory()
     trainer, out = _train_and_save(
@@ -161,7 +161,7 @@ def test_torch_compile_true_trains_like_eager_and_saves_a_sparse_checkpoint(tmp_
     tracing as inductor, no C++ compiler needed). Same weights as an eager run, same checkpoint."""
     from conftest import TINY_SPARSITY
 
-    from nmsparse_hf.hub import verify_checkpoint
+    from nmsparse_hf.export import verify_checkpoint
 
     finals = {}
     for compiled in (False, True):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import NMSparsityError
-from .masks import is_nm
+from ..errors import NMSparsityError
+from ..masks import is_nm
 
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -1,0 +1,117 @@
+"""Reading images safely: decode with the file named on failure (`decode_image`), and a fast check
+of local image files before training (`find_bad_images`)."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .arguments import DataArgumentsError
+
+# A JPEG ends with the EOI marker; a file cut short lacks it (checked in its last bytes, since
+# some writers pad after EOI).
+_JPEG_EOI = b"\xff\xd9"
+_TAIL_BYTES = 4096
+
+
+class BadImageError(DataArgumentsError):
+    """An image cannot be read: the message names its file (or example) and what to do."""
+
+
+def describe(value: Any, where: str = "") -> str:
+    """A human name for an image value: its path when known, else ``where``."""
+    if isinstance(value, Mapping) and value.get("path"):
+        return str(value["path"])
+    path = getattr(value, "filename", None)
+    return str(path) if path else (where or "an in-memory image")
+
+
+def decode_image(value: Any, where: str = ""):
+    """Decode ``value`` into a fully loaded RGB-convertible `PIL.Image`.
+
+    ``value`` is a `PIL.Image`, a ``{"bytes", "path"}`` dict (a `datasets.Image(decode=False)`
+    column), raw bytes or a path. Raises `BadImageError` naming the file (or ``where``, e.g. the
+    example index) when the data is not a readable image or is truncated.
+    """
+    from PIL import Image
+
+    try:
+        if isinstance(value, Image.Image):
+            value.load()
+            return value
+        if isinstance(value, Mapping):
+            data, path = value.get("bytes"), value.get("path")
+            image = Image.open(io.BytesIO(data) if data is not None else path)
+        elif isinstance(value, bytes | bytearray):
+            image = Image.open(io.BytesIO(value))
+        else:
+            image = Image.open(value)
+        image.load()
+        return image
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadImageError(
+            f"bad image {describe(value, where)}: {type(err).__name__}: {err}. Replace or delete "
+            "the file, or set bad_images='skip' to leave unreadable images out."
+        ) from err
+
+
+def check_image_file(path: str) -> str | None:
+    """``None`` if ``path`` looks like a readable image, else the reason.
+
+    Fast: parses the header, checks that a JPEG still ends with its end marker and fully decodes
+    only the files that fail that check (most truncated files).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image_format = image.format
+        if image_format == "JPEG":
+            size = os.path.getsize(path)
+            with open(path, "rb") as fh:
+                fh.seek(max(0, size - _TAIL_BYTES))
+                if _JPEG_EOI in fh.read():
+                    return None
+        elif image_format != "PNG":
+            return None
+        with Image.open(path) as image:  # PNG CRCs and suspicious JPEGs: decode fully
+            image.load()
+        return None
+    except (OSError, SyntaxError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+
+
+def find_bad_images(paths: Sequence[str], workers: int = 8) -> dict[str, str]:
+    """``{path: reason}`` for the files of ``paths`` that are not readable images (see
+    `check_image_file`); the files are read by ``workers`` threads."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(pool.map(check_image_file, paths))
+    return {p: r for p, r in zip(paths, reasons, strict=True) if r is not None}
+
+
+def image_paths(dataset, image_column: str) -> list[str | None] | None:
+    """The file path of every row of a map-style dataset's image column, or ``None`` when the
+    images are not local files (Hub parquet bytes, in-memory images)."""
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):
+        return None
+    feature = dataset.features.get(image_column)
+    if not isinstance(feature, datasets.Image):
+        return None
+    raw = dataset.cast_column(image_column, datasets.Image(decode=False))
+    paths = [cell.get("path") if cell.get("bytes") is None else None for cell in raw[image_column]]
+    if not any(paths):
+        return None
+    return paths
+
+
+def format_bad_images(bad: Mapping[str, str], limit: int = 20) -> str:
+    """One line per bad file (at most ``limit``), and how many more."""
+    lines = [f"  {path}: {reason}" for path, reason in list(bad.items())[:limit]]
+    if len(bad) > limit:
+        lines.append(f"  ... and {len(bad) - limit} more")
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""Bad images never cost a run: reported by path before training (``bad_images: fail``) or left
+out and counted (``bad_images: skip``); a decode error while reading always names the file."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from nmsparse_hf.data import (
+    AugmentedDataset,
+    BadImageError,
+    DataArguments,
+    build_training_data,
+    decode_image,
+    find_bad_images,
+    load_image_dataset,
+)
+from nmsparse_hf.data.transforms import build_transforms
+
+CLASSES = ("cat", "dog")
+
+
+def _jpeg(i: int, size: int = 24) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (40 * i % 256, 90, 160)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def folder(tmp_path) -> tuple[Path, dict[str, Path]]:
+    """An imagefolder of 2 classes x 5 JPEGs, one of them cut short, plus a text file named
+    ``.jpg``: the two failures a downloaded ImageNet copy really has."""
+    root = tmp_path / "folder"
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            (root / name / f"{i}.jpg").write_bytes(_jpeg(10 * c + i))
+    truncated = root / "cat" / "3.jpg"
+    truncated.write_bytes(_jpeg(3)[:300])
+    text = root / "dog" / "0.jpg"
+    text.write_text("not an image\n")
+    return root, {"truncated": truncated, "text": text}
+
+
+def _args(root, **kw) -> DataArguments:
+    return DataArguments(dataset_name="imagefolder", data_dir=str(root), image_size=16, **kw)
+
+
+def test_fail_policy_reports_every_bad_file_by_path_before_training(folder):
+    root, bad = folder
+    train, evaluation, names = load_image_dataset(_args(root, eval_fraction=0.2))
+    with pytest.raises(BadImageError) as info:
+        build_training_data(_args(root), train, evaluation, len(names))
+    message = str(info.value)
+    assert "2 unreadable image(s)" in message or "unreadable image" in message
+    for path in bad.values():
+        assert str(path) in message
+    assert "bad_images='skip'" in message
+
+
+def test_skip_policy_leaves_bad_files_out_and_counts_them(folder, caplog):
+    root, bad = folder
+    args = _args(root, bad_images="skip", eval_fraction=0.2)
+    train, evaluation, names = load_image_dataset(args)
+    total = len(train) + len(evaluation)
+    with caplog.at_level(logging.WARNING):
+        data = build_training_data(args, train, evaluation, len(names))
+    assert len(data.train_dataset) + len(data.eval_dataset) == total - 2
+    assert any("2 unreadable" in n for n in data.notes)
+    assert all(str(p) in caplog.text for p in bad.values())
+    for ds in (data.train_dataset, data.eval_dataset):
+        for i in range(len(ds)):
+            assert ds[i]["pixel_values"].shape == (3, 16, 16)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        data.callbacks[0].on_train_end(None, None, None)
+    assert "2 unreadable image(s) were left out" in caplog.text
+
+
+def test_quick_check_finds_both_kinds(folder):
+    root, bad = folder
+    found = find_bad_images(sorted(str(p) for p in root.rglob("*.jpg")))
+    assert set(found) == {str(p) for p in bad.values()}
+    assert "truncated" in found[str(bad["truncated"])].lower()
+
+
+def test_a_decode_error_while_reading_names_the_file(folder):
+    """What the checks before training cannot see (a file broken later, remote data) still
+    fails with its path, or, with skip, is replaced by the next readable example and counted."""
+    import datasets
+
+    root, bad = folder
+    files = [str(p) for p in sorted(root.rglob("*.jpg"))]
+    raw = datasets.Dataset.from_dict(
+        {"image": files, "label": [int("dog" in f) for f in files]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    index = files.index(str(bad["truncated"]))
+    tf = build_transforms(16, train=True)
+    with pytest.raises(BadImageError, match=str(bad["truncated"])):
+        AugmentedDataset(raw, tf, "image", "label")[index]
+    skipping = AugmentedDataset(raw, tf, "image", "label", bad_images="skip")
+    assert skipping[index]["labels"] == raw[index + 1]["label"]
+    assert int(skipping.skipped.item()) == 1
+    with pytest.raises(BadImageError, match="bytes image|in-memory"):
+        decode_image(b"\x89PNG not really", "bytes image")
+
+
+def test_streamed_bad_images_name_the_file_or_are_dropped(folder):
+    root, bad = folder
+    args = _args(root, streaming=True, eval_fraction=0.2)
+    train, evaluation, names = load_image_dataset(args)
+    data = build_training_data(args, train, evaluation, len(names))
+    with pytest.raises(BadImageError, match="unreadable|bad image"):
+        for _ in data.train_dataset:
+            pass
+    args = _args(root, streaming=True, eval_fraction=0.2, bad_images="skip")
+    train, evaluation, names = load_image_dataset(args)
+    data = build_training_data(args, train, evaluation, len(names))
+    seen = sum(1 for _ in data.train_dataset) + sum(1 for _ in data.eval_dataset)
+    assert seen == 10 - 2
+
+
+def test_the_recipe_stops_before_training_naming_the_files(folder, tmp_path):
+    from nmsparse_hf.recipes.image_classification import run
+
+    root, bad = folder
+    out = tmp_path / "out"
+    with pytest.raises(BadImageError) as info:
+        run(
+            [
+                "--dataset_name",
+                "imagefolder",
+                "--data_dir",
+                str(root),
+                "--model_config",
+                "vit-digits",
+                "--image_size",
+                "16",
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "2",
+                "--use_cpu",
+                "true",
+                "--report_to",
+                "none",
+                "--eval_fraction",
+                "0.3",
+            ],
+            "vit",
+        )
+    assert all(str(p) in str(info.value) for p in bad.values())
+    assert not (out / "final").exists() and not list(out.glob("checkpoint-*"))
