@@ -226,6 +226,7 @@ def nm_group_nonzeros(weight: torch.Tensor, m: int, dim: str = "row") -> torch.T
     return groups.sum(dim=-1)
 
 
-def sparsity(weight: torch.Tensor) -> float:
-    """Fraction of exact zeros in ``weight``."""
-    return float((weight.detach() == 0).sum()) / max(weight.numel(), 1)
+def count_nonzeros(weight: torch.Tensor) -> int:
+    """Number of non-zero entries of ``weight`` (NaN counts as non-zero): the one count behind
+    every sparsity figure nmsparse_hf reports, logs or records."""
+    return int(torch.count_nonzero(weight.detach()))

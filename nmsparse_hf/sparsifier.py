@@ -26,7 +26,7 @@ from torch import nn
 from .autograd import effective_weight, sparse_linear
 from .config import NMSparsityConfig
 from .errors import NMSparsityError, NMTargetError, NMVerificationError
-from .masks import check_divisible, nm_group_nonzeros, nm_mask
+from .masks import check_divisible, count_nonzeros, nm_group_nonzeros, nm_mask
 from .schedule import Pattern, SparsitySchedule, StepPlan
 from .targets import SkippedLayer, SparseBlock, TargetLayer, find_targets
 
@@ -261,7 +261,7 @@ def check_layer(
         location=location,
         pattern=tuple(pattern),
         shape=tuple(weight.shape),
-        nonzeros=int(counts.sum()),
+        nonzeros=int(counts.sum()),  # the groups cover every entry
         violations=int((counts > pattern[0]).sum()),
         max_nonzeros=int(counts.max()) if counts.numel() else 0,
     )
@@ -552,7 +552,7 @@ class NMSparsifier:
             for block in target.blocks:
                 part = _block_view(eff, block)
                 zeros.setdefault(block.location, [0.0, 0.0])
-                zeros[block.location][0] += float((part == 0).sum())
+                zeros[block.location][0] += part.numel() - count_nonzeros(part)
                 zeros[block.location][1] += part.numel()
             for block, mask in masks:
                 key = f"{target.name}:{block.location}"

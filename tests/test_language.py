@@ -456,3 +456,16 @@ def test_conv1d_checkpoint_records_and_checks_the_input_axis(tmp_path):
     report = verify_checkpoint(out)
     assert not report.ok
     assert any("transformer.h.0.mlp.c_fc" in c.name and not c.ok for c in report.layers)
+
+
+def test_all_linear_from_the_command_line():
+    """``--target_modules all-linear`` arrives as a one-element list and means all-linear."""
+    from transformers import HfArgumentParser
+
+    from nmsparse_hf import SparseTrainingArguments
+
+    (args,) = HfArgumentParser(SparseTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", "x", "--target_modules", "all-linear", "--use_cpu", "true"]
+    )
+    targets, _ = find_targets(tiny_text_model("gpt2"), args.sparsity_config())
+    assert len(targets) == 8 and all(t.kind == "conv1d" for t in targets)
