@@ -1,11 +1,31 @@
-"""Train-step time and memory of each N:M recipe relative to dense, on a ViT-S/16-shaped model.
+"""Train-step time and memory of each N:M recipe relative to dense, and against the paper authors'
+algorithm, on a ViT-S/16-shaped model.
 
 One process builds ``ViTForImageClassification`` from a ``ViTConfig`` (ViT-S/16-224 by default,
 ``--vit-b`` for ViT-B/16), one copy per variant (same initial weights) with its own AdamW, and runs
 the variants round-robin: step k of every variant runs before step k+1 of any, so load from other
 processes hits all variants alike. A train step is ``sparsifier.update(step)`` + forward + loss +
 backward + ``optimizer.step()`` + ``zero_grad``; the sparsifier is in its sparse phase (masks on
-FF, 2:4 row) from the first step.
+FF, ``--pattern``, row) from the first step.
+
+Variants:
+
+* ``dense`` and the library's recipes ``STE``, ``SR-STE``, ``MDGF-lin``, ``MDGF-exp``, ``SDGF``
+  (stepwise) and ``SDGF-geo`` (geometric).
+* ``authors``: the paper authors' algorithm as its description gives it, written here as a
+  baseline: in every forward of every targeted layer, an ``argsort`` of |W| per group of M, the
+  M-N smallest set to 0 in a float mask (``scatter``), ``F.linear`` on W * mask, and a
+  straight-through gradient (the gradient at W * mask is written to W).
+  ``authors-SR-STE`` adds the SR-STE term lambda (1 - mask) W to that gradient (lambda = 2e-4).
+  Same layers as the library's (the FF preset), same pattern.
+
+Per round k, each variant's step time is divided by dense's step time of the same round; the table
+gives the median ratio and its interquartile range over the rounds, the overhead (ratio - 1) in
+percent, and for each library recipe its overhead divided by the ``authors`` overhead
+(``authors-SR-STE``'s for ``SR-STE`` when both run: the same algorithm on each side; the median
+over rounds of ours over the median of theirs; the range is the 5-95% interval of the same
+statistic over 2000 bootstrap resamples of the rounds). Targets: overhead <= 3% over dense, and
+<= 1/3 of the authors' overhead.
 
 Memory: torch's CPU allocations are invisible to ``tracemalloc`` and process RSS barely moves when
 the allocator reuses freed pages, so the script counts what training actually holds per step:
@@ -18,14 +38,21 @@ gradients, two AdamW moments).
 ``TrainingArguments(torch_compile=True)`` would; the warm-up steps then include compilation, and
 the memory columns are left out (autograd's saved-tensor hooks do not see inside a compiled graph).
 
-    python bench/step_overhead.py --batch 8 --repeats 5
+``--profile RECIPE`` adds, after the timed rounds, one ``torch.profiler`` step of dense and of
+RECIPE, and prints the operators whose self CPU time grew the most from dense to RECIPE (where
+the extra passes of a sparse step go), then each step's top operators.
+
+    python bench/step_overhead.py --batch 8 --repeats 10 --pattern 1:8
     python bench/step_overhead.py --batch 8 --repeats 5 --compile --warmup 2
+    python bench/step_overhead.py --batch 8 --repeats 3 --profile SR-STE --recipes STE SR-STE
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import random
 import statistics
 import time
 import types
@@ -37,14 +64,62 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from nmsparse_hf.config import NMSparsityConfig
 from nmsparse_hf.sparsifier import ATTR, NMSparsifier
+from nmsparse_hf.targets import find_targets
 
 RECIPES: dict[str, dict | None] = {
     "dense": None,
     "STE": {"sparsity_type": "structure_nm", "decay_type": "step"},
     "SR-STE": {"sparsity_type": "srste"},
+    "MDGF-lin": {"sparsity_type": "structure_nm", "decay_type": "linear", "decay_coef": 1e-6},
     "MDGF-exp": {"sparsity_type": "structure_nm", "decay_type": "exp", "decay_coef": 1e-3},
     "SDGF": {"structure_decay": True, "structure_decay_type": "sparsify"},
+    "SDGF-geo": {
+        "structure_decay": True,
+        "structure_decay_type": "fine",
+        "structure_decay_fallback": True,
+    },
 }
+# the authors' algorithm (baseline variants): the SR-STE lambda of each
+AUTHORS: dict[str, float] = {"authors": 0.0, "authors-SR-STE": 2e-4}
+VARIANTS = [*RECIPES, *AUTHORS]
+
+
+class ArgsortMasked(torch.autograd.Function):
+    """The authors' masked weight: argsort of |W| per row group of M in every forward, the M-N
+    smallest zeroed in a float mask, straight-through gradient (+ lambda (1 - mask) W)."""
+
+    @staticmethod
+    def forward(ctx, weight, n: int, m: int, srste_lambda: float):
+        groups = weight.detach().abs().reshape(-1, m)
+        pruned = torch.argsort(groups, dim=1)[:, : m - n]
+        mask = torch.ones_like(groups).scatter_(1, pruned, 0.0).reshape(weight.shape)
+        ctx.srste_lambda = srste_lambda
+        if srste_lambda:
+            ctx.save_for_backward(weight, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.srste_lambda:
+            weight, mask = ctx.saved_tensors
+            grad = grad + ctx.srste_lambda * (1 - mask) * weight
+        return grad, None, None, None
+
+
+def _authors_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    n, m, lam = self._authors_nm
+    return F.linear(input, ArgsortMasked.apply(self.weight, n, m, lam), self.bias)
+
+
+def attach_authors(model: torch.nn.Module, n: int, m: int, srste_lambda: float) -> int:
+    """Patch the authors' masked forward into the FF Linears the library would target; returns
+    how many layers."""
+    config = NMSparsityConfig(n_keep=n, m=m, sparse_dim="row", locations="FF")
+    targets, _ = find_targets(model, config)
+    for target in targets:
+        target.module._authors_nm = (n, m, srste_lambda)
+        target.module.forward = types.MethodType(_authors_linear_forward, target.module)
+    return len(targets)
 
 
 def _unfused_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
@@ -53,8 +128,14 @@ def _unfused_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch
     return F.linear(input, getattr(self, ATTR).effective(self.weight), self.bias)
 
 
-def build_model(vit_b: bool, layers: int | None, image: int) -> ViTForImageClassification:
-    hidden, depth, heads, mlp = (768, 12, 12, 3072) if vit_b else (384, 12, 6, 1536)
+WIDTHS = {"vit-s": (384, 12, 6, 1536), "vit-b": (768, 12, 12, 3072)}
+
+
+def build_model(
+    vit_b: bool, layers: int | None, image: int, width: str | None = None
+) -> ViTForImageClassification:
+    """A randomly initialised ViT-S/16 (or ViT-B/16) classifier, seed 0."""
+    hidden, depth, heads, mlp = WIDTHS[width or ("vit-b" if vit_b else "vit-s")]
     config = ViTConfig(
         hidden_size=hidden,
         num_hidden_layers=layers or depth,
@@ -86,14 +167,14 @@ class SavedBytes:
 
 
 class Variant:
-    """One model copy with its optimizer and (unless dense) its sparsifier."""
+    """One model copy with its optimizer and its sparsity (library recipe or authors' baseline)."""
 
     def __init__(
         self,
         name: str,
         base: torch.nn.Module,
-        recipe: dict | None,
         total_steps: int,
+        pattern: tuple[int, int] = (2, 4),
         unfused: bool = False,
         compile: bool = False,
     ):
@@ -102,8 +183,12 @@ class Variant:
         self.compile = compile
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.sparsifier = None
-        if recipe is not None:
-            config = NMSparsityConfig(n_keep=2, m=4, sparse_dim="row", locations="FF", **recipe)
+        n, m = pattern
+        recipe = RECIPES.get(name)
+        if name in AUTHORS:
+            attach_authors(self.model, n, m, AUTHORS[name])
+        elif recipe is not None:
+            config = NMSparsityConfig(n_keep=n, m=m, sparse_dim="row", locations="FF", **recipe)
             self.sparsifier = NMSparsifier(self.model, config, total_steps=total_steps)
             if unfused:
                 for target in self.sparsifier.targets:
@@ -115,7 +200,8 @@ class Variant:
         self.forward = torch.compile(self.model) if compile else self.model
         self.times: list[float] = []
         self.saved: list[int] = []
-        self.state_bytes = 0
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.state_bytes = 4 * params  # weights, gradients, exp_avg, exp_avg_sq
 
     def step(self, step: int, pixels: torch.Tensor, labels: torch.Tensor) -> None:
         counter = SavedBytes(self.model)
@@ -133,21 +219,193 @@ class Variant:
         self.optimizer.zero_grad(set_to_none=True)
         self.times.append(time.perf_counter() - start)
         self.saved.append(counter.total())
-        if not self.state_bytes:
-            params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            self.state_bytes = 4 * params  # weights, gradients, exp_avg, exp_avg_sq
 
 
-def main(argv: list[str] | None = None) -> None:
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile); all three equal for one value."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def overhead_ratio_interval(
+    ours: list[float], theirs: list[float], resamples: int = 2000
+) -> tuple[float, float, float]:
+    """median(ours) / median(theirs) of per-round overheads, with the 5-95% bootstrap interval
+    over resampled rounds (same indices for both: the rounds are paired). NaN where the authors'
+    median overhead is not positive."""
+
+    def stat(idx: list[int]) -> float:
+        den = statistics.median(theirs[i] for i in idx)
+        return statistics.median(ours[i] for i in idx) / den if den > 0 else float("nan")
+
+    rounds = list(range(len(ours)))
+    point = stat(rounds)
+    rng = random.Random(0)
+    boots = sorted(stat([rng.choice(rounds) for _ in rounds]) for _ in range(resamples))
+    boots = [b for b in boots if b == b]
+    if not boots:
+        return point, float("nan"), float("nan")
+    return point, boots[int(0.05 * (len(boots) - 1))], boots[int(0.95 * (len(boots) - 1))]
+
+
+def summarize(variants: list[Variant], skip: int) -> dict[str, dict]:
+    """Per variant: median step ms, time/dense per round (median and IQR), overhead %, saved
+    bytes, and for library recipes the overhead over the authors' overhead."""
+    dense = variants[0]
+    dense_times = dense.times[skip:]
+    ratios = {v.name: [t / d for t, d in zip(v.times[skip:], dense_times)] for v in variants}
+    out: dict[str, dict] = {}
+    for v in variants:
+        q1, med, q3 = quartiles(ratios[v.name])
+        saved = statistics.median(v.saved[skip:])
+        dense_saved = statistics.median(dense.saved[skip:])
+        row = {
+            "step_ms": statistics.median(v.times[skip:]) * 1e3,
+            "time_over_dense": med,
+            "time_over_dense_iqr": [q1, q3],
+            "overhead_pct": (med - 1) * 100,
+            "overhead_pct_iqr": [(q1 - 1) * 100, (q3 - 1) * 100],
+            "saved_mb": saved / 2**20,
+            "saved_over_dense": saved / dense_saved if dense_saved else float("nan"),
+            "saved_state_over_dense": (saved + v.state_bytes)
+            / (dense_saved + dense.state_bytes),
+            "rounds": ratios[v.name],
+        }
+        reference = "authors-SR-STE" if v.name == "SR-STE" else "authors"
+        if reference not in ratios:
+            reference = "authors"
+        if reference in ratios and v.name in RECIPES and v.name != "dense":
+            ours = [r - 1 for r in ratios[v.name]]
+            point, lo, hi = overhead_ratio_interval(ours, [r - 1 for r in ratios[reference]])
+            row["authors_reference"] = reference
+            row["over_authors_overhead"] = point
+            row["over_authors_overhead_90"] = [lo, hi]
+        out[v.name] = row
+    return out
+
+
+def format_table(summary: dict[str, dict], memory: bool = True) -> str:
+    """The printed table: one row per variant."""
+    header = (
+        f"{'variant':>14} {'step ms':>9} {'time/dense':>10} {'IQR':>13} {'overhead %':>10} "
+        f"{'IQR %':>13} {'ours/authors':>12} {'5-95%':>13}"
+    )
+    if memory:
+        header += f" {'saved MB':>9} {'saved/dense':>11} {'(saved+state)/dense':>19}"
+    lines = [header, "-" * len(header)]
+    for name, r in summary.items():
+        lo, hi = r["time_over_dense_iqr"]
+        olo, ohi = r["overhead_pct_iqr"]
+        ours = r.get("over_authors_overhead")
+        band = r.get("over_authors_overhead_90")
+        line = (
+            f"{name:>14} {r['step_ms']:9.1f} {r['time_over_dense']:10.3f} "
+            f"{f'{lo:.3f}-{hi:.3f}':>13} {r['overhead_pct']:10.1f} {f'{olo:.1f}..{ohi:.1f}':>13} "
+            + (f"{ours:12.2f} {f'{band[0]:.2f}-{band[1]:.2f}':>13}" if ours is not None else " " * 27)
+        )
+        if memory:
+            line += (
+                f" {r['saved_mb']:9.1f} {r['saved_over_dense']:11.3f}"
+                f" {r['saved_state_over_dense']:19.3f}"
+            )
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def run_variants(
+    names: list[str],
+    base: torch.nn.Module,
+    batch: int,
+    image: int,
+    warmup: int,
+    repeats: int,
+    pattern: tuple[int, int] = (2, 4),
+    unfused: bool = False,
+    compile: bool = False,
+) -> list[Variant]:
+    """Build every variant (dense first) and run them round-robin; returns them with times."""
+    names = ["dense"] + [n for n in names if n != "dense"]
+    variants = [Variant(n, base, 100_000, pattern, unfused, compile) for n in names]
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch, 3, image, image, generator=generator)
+    labels = torch.randint(0, 1000, (batch,), generator=generator)
+    for step in range(warmup + repeats):
+        for variant in variants:
+            variant.step(step, pixels, labels)
+    return variants
+
+
+def profile_steps(variants: list[Variant], recipe: str, batch: int, image: int, top: int) -> str:
+    """One profiled step of dense and of ``recipe``; the operators whose self CPU time grew the
+    most, then each step's top operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(batch, 3, image, image, generator=generator)
+    labels = torch.randint(0, 1000, (batch,), generator=generator)
+    by_name = {v.name: v for v in variants}
+    stats: dict[str, dict[str, tuple[float, int]]] = {}
+    tables = []
+    for name in ("dense", recipe):
+        variant = by_name[name]
+        step = len(variant.times)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            variant.step(step, pixels, labels)
+        events = prof.key_averages()
+        stats[name] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in events}
+        tables.append(
+            f"--- {name}: top {top} operators by self CPU time\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=top)
+        )
+    dense, sparse = stats["dense"], stats[recipe]
+    keys = set(dense) | set(sparse)
+    diff = sorted(
+        keys, key=lambda k: sparse.get(k, (0, 0))[0] - dense.get(k, (0, 0))[0], reverse=True
+    )
+    total = sum(t for t, _ in dense.values())
+    lines = [
+        f"--- {recipe} vs dense: operators by added self CPU time (dense step {total:.1f} ms "
+        f"of self time)",
+        f"{'operator':>44} {'dense ms':>9} {'calls':>6} {recipe + ' ms':>12} {'calls':>6} "
+        f"{'added ms':>9} {'% of dense':>10}",
+    ]
+    for key in diff[:top]:
+        d_ms, d_n = dense.get(key, (0.0, 0))
+        s_ms, s_n = sparse.get(key, (0.0, 0))
+        lines.append(
+            f"{key[:44]:>44} {d_ms:9.2f} {d_n:6d} {s_ms:12.2f} {s_n:6d} {s_ms - d_ms:9.2f} "
+            f"{(s_ms - d_ms) / total * 100:10.2f}"
+        )
+    return "\n".join(lines + tables)
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    """``"N:M"`` (N kept) -> (N, M)."""
+    n, m = (int(v) for v in text.split(":"))
+    return n, m
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (steps per variant)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     parser.add_argument("--layers", type=int, default=None, help="encoder depth (default 12)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--vit-b", action="store_true", help="ViT-B/16 instead of ViT-S/16")
+    parser.add_argument("--pattern", default="2:4", help="FF pattern N:M (N kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--json", default=None, help="also write the summary to this JSON file")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        choices=[v for v in VARIANTS if v != "dense"],
+        help="profile one step of dense and of this variant after the timed rounds",
+    )
+    parser.add_argument("--profile-top", type=int, default=15, help="operators per profile table")
     parser.add_argument(
         "--unfused",
         action="store_true",
@@ -162,58 +420,63 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.compile and args.unfused:
         parser.error("--compile and --unfused measure different things; pick one")
+    if args.profile and args.compile:
+        parser.error("--profile profiles eager steps; leave out --compile")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile:
         # every variant is a copy of the same classes, so they share dynamo's per-code cache; in a
         # real run one model compiles once per distinct phase/pattern (see tests/test_sparsifier)
         torch._dynamo.config.recompile_limit = 64
-    names = ["dense"] + [r for r in args.recipes if r != "dense"]
+    pattern = parse_pattern(args.pattern)
+    names = list(dict.fromkeys(args.recipes + ([args.profile] if args.profile else [])))
     base = build_model(args.vit_b, args.layers, args.image_size)
-    total_steps = 100_000
-    variants = [
-        Variant(n, base, RECIPES[n], total_steps, args.unfused, args.compile) for n in names
-    ]
-    generator = torch.Generator().manual_seed(0)
-    size = args.image_size
-    pixels = torch.randn(args.batch, 3, size, size, generator=generator)
-    labels = torch.randint(0, 1000, (args.batch,), generator=generator)
     model_name = "ViT-B/16" if args.vit_b else "ViT-S/16"
     print(
-        f"{model_name} layers={base.config.num_hidden_layers} image={size} batch={args.batch} "
-        f"FF 2:4 row, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"{args.warmup} warm-up + {args.repeats} timed steps per variant, round-robin"
+        f"{model_name} layers={base.config.num_hidden_layers} image={args.image_size} "
+        f"batch={args.batch} FF {args.pattern} row, torch {torch.__version__}, threads "
+        f"{torch.get_num_threads()}, {args.warmup} warm-up + {args.repeats} timed rounds, "
+        f"round-robin"
         + (", UNFUSED sparse Linear (F.linear on W~)" if args.unfused else "")
         + (", torch.compile (inductor)" if args.compile else "")
     )
-    for step in range(args.warmup + args.repeats):
-        for variant in variants:
-            variant.step(step, pixels, labels)
-    dense = variants[0]
-    skip = args.warmup
-
-    def med_time(v: Variant) -> float:
-        return statistics.median(v.times[skip:])
-
-    def med_saved(v: Variant) -> float:
-        return statistics.median(v.saved[skip:])
-
-    header = (
-        f"{'recipe':>9} {'step ms':>9} {'time/dense':>10} {'saved MB':>9} {'saved/dense':>11} "
-        f"{'(saved+state)/dense':>19}"
+    variants = run_variants(
+        names,
+        base,
+        args.batch,
+        args.image_size,
+        args.warmup,
+        args.repeats,
+        pattern,
+        args.unfused,
+        args.compile,
     )
-    print(header)
-    print("-" * len(header))
-    for v in variants:
-        if args.compile:
-            print(f"{v.name:>9} {med_time(v) * 1e3:9.1f} {med_time(v) / med_time(dense):10.3f}")
-            continue
-        total = (med_saved(v) + v.state_bytes) / (med_saved(dense) + dense.state_bytes)
-        print(
-            f"{v.name:>9} {med_time(v) * 1e3:9.1f} {med_time(v) / med_time(dense):10.3f} "
-            f"{med_saved(v) / 2**20:9.1f} {med_saved(v) / med_saved(dense):11.3f} {total:19.3f}"
-        )
-    print("targets: time/dense <= 1.05 and memory/dense <= 1.05 for every recipe")
+    summary = summarize(variants, args.warmup)
+    print(format_table(summary, memory=not args.compile))
+    print(
+        "time/dense: median over rounds of (variant step / dense step of the same round), IQR "
+        "over rounds; ours/authors: our overhead / the authors' overhead, 5-95% bootstrap"
+    )
+    print("targets: overhead <= 3% over dense, ours/authors <= 0.33, memory/dense <= 1.05")
+    if args.profile:
+        print(profile_steps(variants, args.profile, args.batch, args.image_size, args.profile_top))
+    result = {
+        "model": model_name,
+        "layers": base.config.num_hidden_layers,
+        "batch": args.batch,
+        "image_size": args.image_size,
+        "pattern": args.pattern,
+        "threads": torch.get_num_threads(),
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "compile": args.compile,
+        "torch": torch.__version__,
+        "variants": summary,
+    }
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return result
 
 
 if __name__ == "__main__":

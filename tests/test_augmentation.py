@@ -301,3 +301,62 @@ def test_epoch_reaches_persistent_dataloader_workers(digits):
         ds.set_epoch(epoch)
         expected = torch.stack([ds[i]["pixel_values"] for i in range(12)])
         assert torch.equal(epochs[epoch], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ImageNet recipes do what their comments and docs/AUGMENTATION.md say
+
+
+def test_vit_imagenet_recipe_augmentation_is_the_seeds():
+    from types import SimpleNamespace
+
+    import timm
+
+    from nmsparse_hf.recipes.arguments import shipped_config
+
+    recipe = parse_args(
+        [str(shipped_config("vit_b16_imagenet_mdgf_exp_1of32.yaml")), "--use_cpu", "true"], "vit"
+    )
+    d = recipe.data
+    assert (d.mixup_alpha, d.cutmix_alpha, d.mixup_prob, d.mixup_mode) == (0.5, 0.0, 1.0, "batch")
+    assert recipe.training.label_smoothing_factor == 0.0 and recipe.model.bce_loss
+    vit_b = SimpleNamespace(
+        pretrained_cfg=timm.models.get_pretrained_cfg("vit_base_patch16_224").to_dict()
+    )
+    train_tf, eval_tf = transforms_from_args(d, vit_b)
+    names = [type(t).__name__ for t in train_tf.transforms]
+    assert names == [
+        "function",
+        "RandomResizedCropAndInterpolation",
+        "RandomHorizontalFlip",
+        "RandAugment",
+        "MaybeToTensor",
+        "Normalize",
+    ]
+    crop, flip, ra, norm = (train_tf.transforms[i] for i in (1, 2, 3, 5))
+    assert crop.size == (224, 224) and crop.scale == (0.08, 1.0)
+    assert [m.value for m in crop.interpolation] == ["bilinear", "bicubic"]
+    assert flip.p == 0.5 and ra.num_layers == 2
+    assert {(op.magnitude, op.prob, op.magnitude_std) for op in ra.ops} == {(15, 1.0, 0)}
+    assert torch.allclose(norm.mean, torch.tensor([0.5] * 3))
+    resize, center = eval_tf.transforms[1], eval_tf.transforms[2]
+    assert (resize.size, resize.interpolation.value, center.size) == (248, "bicubic", (224, 224))
+
+
+def test_timm_wrapper_models_give_their_timm_data_config():
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    from nmsparse_hf.data import build_training_data
+
+    model = TimmWrapperForImageClassification(
+        TimmWrapperConfig(
+            architecture="vit_tiny_patch16_224",
+            num_labels=10,
+            model_args={"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48},
+        )
+    )
+    dd = load_digits_dataset()
+    args = DataArguments(image_size=16)
+    data = build_training_data(args, dd["train"], dd["validation"], 10, model=model)
+    resize = data.eval_transform.transforms[1]
+    assert resize.interpolation.value == "bicubic" and resize.size == int(16 / 0.9)

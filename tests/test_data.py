@@ -603,7 +603,10 @@ def test_hub_metric_names_pass_through_to_evaluate_load():
     with mock.patch("evaluate.load", fake):
         compute = make_compute_metrics(("accuracy", "f1"))
     assert fake.call_args_list == [
-        mock.call(str(REPO / "nmsparse_hf" / "data" / "metric_scripts" / "accuracy.py"), keep_in_memory=True),
+        mock.call(
+            str(REPO / "nmsparse_hf" / "data" / "metric_scripts" / "accuracy.py"),
+            keep_in_memory=True,
+        ),
         mock.call("f1", keep_in_memory=True),
     ]
     from transformers import EvalPrediction

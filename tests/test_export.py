@@ -180,6 +180,35 @@ def test_every_top_level_claim_is_cross_checked(ckpt, capsys, edit, expected):
     assert _verify_cli(ckpt, capsys)[0] == 1
 
 
+def test_a_layer_left_out_of_the_metadata_is_caught(ckpt, capsys):
+    """Dropping a layer from every map and fixing up all the counts still does not hide it: the
+    recorded config targets it in the saved architecture."""
+
+    def edit(meta):
+        disk = "vit.encoder.layer.1.intermediate.dense"
+        current = meta["current_names"].pop(disk)
+        meta["layers"].pop(disk)
+        meta["layers_current"].pop(current)
+
+    _edit_meta(ckpt, edit)
+    # make the counts consistent with what is left, as a careful forger would
+    report = verify_checkpoint(ckpt)
+    layers = report.layers
+    nonzeros, numel = sum(c.nonzeros for c in layers), sum(c.numel for c in layers)
+    from nmsparse_hf.export.checkpoint import location_summaries
+
+    def fix_counts(meta):
+        meta.update(nonzeros=nonzeros, numel=numel, achieved_sparsity=1 - nonzeros / numel)
+        meta["location_sparsity"] = {k: v.to_dict() for k, v in location_summaries(report).items()}
+
+    _edit_meta(ckpt, fix_counts)
+    report = verify_checkpoint(ckpt)
+    assert not report.ok
+    assert report.problems == [p for p in report.problems if "omits 1 layer" in p], report.problems
+    assert "vit.layers.1.mlp.fc1" in report.problems[0]
+    assert _verify_cli(ckpt, capsys)[0] == 1
+
+
 def test_a_block_claimed_8_of_8_is_not_sparse(ckpt, capsys):
     """Claiming 8:8 everywhere (every weight 'passes' a dense pattern) must not verify."""
 

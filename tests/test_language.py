@@ -469,3 +469,15 @@ def test_all_linear_from_the_command_line():
     )
     targets, _ = find_targets(tiny_text_model("gpt2"), args.sparsity_config())
     assert len(targets) == 8 and all(t.kind == "conv1d" for t in targets)
+
+
+def test_conv1d_refuses_a_sharded_weight():
+    """Under FSDP2 a weight is a dim-0 shard between steps; a Conv1D's dim 0 is its input, along
+    which the groups run, so finalize refuses (a stand-in for a DTensor: anything with
+    ``to_local``)."""
+    conv, _ = _conv1d_and_linear()
+    sp = NMSparsifier(conv, NMSparsityConfig(target_modules=["0"]), total_steps=4)
+    weight = conv[0].weight
+    weight.to_local = lambda: weight.data[:8]
+    with pytest.raises(NMTargetError, match=r"Conv1D.*FSDP2 shard"):
+        sp.finalize()

@@ -199,9 +199,9 @@ def test_logs_carry_phase_alpha_pattern_sparsity_and_flip_rate(tmp_path):
     assert [logs[s]["nm/phase"] for s in (2, 4, 6, 8)] == [1, 1, 2, 2]
     assert logs[2]["nm/alpha"] == pytest.approx(1.0) and logs[4]["nm/alpha"] == pytest.approx(0.6)
     assert logs[4]["nm/FF/n_keep"] == 1 and logs[4]["nm/FF/m"] == 4
-    assert logs[4]["nm/FF/density"] == 0.25
-    assert logs[4]["nm/FF/sparsity"] == 0.0  # alpha > 0: pruned weights still contribute
-    assert logs[6]["nm/FF/sparsity"] == 0.75
+    assert logs[4]["nm/FF/mask_sparsity"] == 0.75
+    assert logs[4]["nm/FF/weight_zeros"] == 0.0  # alpha > 0: pruned weights still contribute
+    assert logs[6]["nm/FF/weight_zeros"] == 0.75
     assert "nm/FF/mask_flip_rate" not in logs[2] and 0 <= logs[4]["nm/FF/mask_flip_rate"] < 1
 
 
@@ -246,7 +246,7 @@ def test_stock_trainer_with_callback(tmp_path):
     assert trainer.callback_handler.callbacks[0] is callback
     trainer.train()
     assert callback.sparsifier.finalized and callback.sparsifier.verify().ok
-    assert any("nm/FF/sparsity" in e for e in trainer.state.log_history)
+    assert any("nm/FF/weight_zeros" in e for e in trainer.state.log_history)
 
 
 def test_gradient_accumulation_follows_optimizer_steps(tmp_path):
@@ -270,7 +270,7 @@ def test_gradient_accumulation_follows_optimizer_steps(tmp_path):
             "nm/stage",
             "nm/FF/n_keep",
             "nm/FF/m",
-            "nm/FF/density",
+            "nm/FF/mask_sparsity",
         )
         return [{k: e.get(k) for k in keys} for e in trainer.state.log_history if "loss" in e]
 
@@ -415,10 +415,10 @@ def test_sparsity_metrics_reach_tensorboard(tmp_path):
     tags = set(events.Tags()["scalars"])
     for tag in (
         "train/nm/alpha",
-        "train/nm/FF/sparsity",
+        "train/nm/FF/weight_zeros",
         "train/nm/FF/mask_flip_rate",
         "train/nm/FF/n_keep",
         "train/nm/phase",
     ):
         assert tag in tags, sorted(tags)
-    assert events.Scalars("train/nm/FF/sparsity")[-1].value == 0.75
+    assert events.Scalars("train/nm/FF/weight_zeros")[-1].value == 0.75

@@ -254,7 +254,8 @@ class DataArguments:
         for name in ("mixup_alpha", "cutmix_alpha"):
             if getattr(self, name) < 0:
                 raise DataArgumentsError(
-                    f"{name}={getattr(self, name)!r} must be >= 0; use 0 to turn it off."
+                    f"{name}={getattr(self, name)!r} must be >= 0; use 0 to turn "
+                    f"{name.split('_')[0]} off."
                 )
         for name in ("hflip", "vflip"):
             value = getattr(self, name)

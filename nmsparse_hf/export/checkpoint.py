@@ -77,7 +77,51 @@ def verify_checkpoint(path: str | os.PathLike) -> VerificationReport:
             continue
         check_blocks(report, name, weight, [b.to_dict() for b in blocks], meta.sparse_dim)
     report.problems += claim_problems(meta, report)
+    report.problems += coverage_problems(folder, meta)
     return report
+
+
+def _architecture_targets(folder: Path, meta: SparseCheckpointMetadata) -> dict[str, str] | None:
+    """``{current module name: on-disk name}`` of the layers the recorded config targets in the
+    architecture ``config.json`` describes (built on the meta device: no weights, no code from
+    the checkpoint), or None when that architecture cannot be built here."""
+    try:
+        import transformers
+        from transformers import AutoConfig
+
+        from ..targets import find_targets
+
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        classes = [getattr(transformers, a, None) for a in (config.architectures or [])]
+        cls = next((c for c in classes if c is not None), None)
+        if cls is None:
+            return None
+        with torch.device("meta"):
+            model = cls(config)
+        targets, _ = find_targets(model, NMSparsityConfig.from_dict(meta.config))
+        return on_disk_names(model, [t.name for t in targets])
+    except Exception:  # noqa: BLE001 - any architecture this environment cannot build is skipped
+        return None
+
+
+def coverage_problems(folder: Path, meta: SparseCheckpointMetadata) -> list[str]:
+    """The recorded config (its locations or target_modules) decides which layers must be sparse;
+    a layer it targets in the saved architecture but the metadata leaves out is a problem (the
+    metadata could otherwise hide a dense layer by not naming it)."""
+    if not meta.config:
+        return []
+    expected = _architecture_targets(folder, meta)
+    if not expected:
+        return []
+    named = set(meta.layers) | set(meta.current_names.values())
+    missing = [cur for cur, disk in expected.items() if cur not in named and disk not in named]
+    if not missing:
+        return []
+    return [
+        f"metadata omits {len(missing)} layer(s) its config targets in this architecture "
+        f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): their N:M layout is "
+        f"not recorded, so it cannot be trusted"
+    ]
 
 
 def _expected_pattern(meta: SparseCheckpointMetadata, location: str) -> tuple[int, int]:

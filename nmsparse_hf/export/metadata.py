@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import LOCATIONS, SPARSE_DIMS
 from ..errors import NMCheckpointError, NMSparsityError
+from ..targets import saved_keys
 
 CONFIG_KEY = "nm_sparsity"
 FORMAT_NAME = "nmsparse_hf"
@@ -411,13 +412,8 @@ def on_disk_names(
     revert = _revert_weight_conversion() if save_original_format else None
     if revert is None:
         return {n: n for n in names}
-    saved = revert(model, dict(state))
-    keys_of: dict[int, list[str]] = {}
-    for key, tensor in saved.items():
-        keys_of.setdefault(id(tensor), []).append(key)
     out = {}
-    for name in names:
-        keys = keys_of.get(id(state[f"{name}.weight"]), [])
+    for name, keys in saved_keys(model, names, revert).items():
         if len(keys) != 1 or not keys[0].endswith(".weight"):
             found = f"under {keys}" if keys else "transformed (not a plain rename)"
             raise NMSparsityError(

@@ -163,7 +163,7 @@ def parse_args(argv: list[str] | None, family: str) -> RecipeArgs:
             f"defaults (e.g. learning_rate 5e-05, num_train_epochs 3), not those of {default.name}"
         )
     values = {} if config is None else read_config(config, parser, notes)
-    if not _has_accelerator() and "use_cpu" not in flags:
+    if not has_accelerator() and "use_cpu" not in flags:
         values.setdefault("use_cpu", True)
     parser.description = DESCRIPTION.format(
         default=default.name,
@@ -431,7 +431,7 @@ def _resume(value: str | None, output_dir: str, notes: list[str]) -> str | None:
     return value
 
 
-def _has_accelerator() -> bool:
+def has_accelerator() -> bool:
     """True with a CUDA/XPU/MPS device. Without one the recipe sets ``use_cpu`` (unless given):
     several CPU processes then really form a gloo process group, and bf16 is allowed on CPU."""
     import torch

@@ -9,8 +9,6 @@ an evaluation failure never costs the run.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
 import sys
@@ -20,7 +18,15 @@ from enum import Enum
 from typing import Any
 
 from ..errors import NMSparsityConfigError, NMTargetError
-from .arguments import RecipeArgs, RecipeConfigError, parse_args, shipped_config
+from .arguments import RecipeArgs, parse_args, shipped_config
+from .common import (
+    check_ranks_agree,
+    finish_run,
+    format_summary,
+    numbers,
+    refuse_to_replace,
+    seed_everything,
+)
 from .models import build_model, check_model_args, processor_for_eval_transform
 
 __all__ = ["cli", "format_summary", "main", "parse_args", "run", "shipped_config"]
@@ -59,7 +65,7 @@ def main(recipe: RecipeArgs, family: str = "vit") -> dict[str, Any]:
         print(format_settings(recipe), flush=True)
     # Seed before the model is built: a from-scratch model takes its initial weights from the
     # global RNG, and the Trainer only seeds in its own __init__, after the model exists.
-    _seed(args)
+    seed_everything(args)
 
     # ---- data and model
     check_model_args(model_args)  # before any data is read
@@ -91,7 +97,7 @@ def main(recipe: RecipeArgs, family: str = "vit") -> dict[str, Any]:
 
     # ---- train, save (before any evaluation), evaluate, verify
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    distributed = _check_ranks_agree(trainer)
+    distributed = check_ranks_agree(trainer)
     if script.overwrite_output_dir and args.should_save and os.path.isdir(final_dir):
         shutil.rmtree(final_dir)  # asked for; only now that the new model exists
     card = card_fields(model_args, data_args, args.output_dir)
@@ -100,34 +106,11 @@ def main(recipe: RecipeArgs, family: str = "vit") -> dict[str, Any]:
     metrics = trainer.evaluate() if args.do_eval else {}
     if metrics:
         trainer.create_model_card(**card)  # now with the final evaluation
-    summary = _finish(trainer, metrics, final_dir, time.time() - start, notes, distributed)
+    summary = finish_run(trainer, metrics, final_dir, time.time() - start, notes, distributed)
     return summary
 
 
 # ------------------------------------------------------------------ steps of main
-def _seed(args) -> None:
-    from transformers import enable_full_determinism, set_seed
-
-    if args.full_determinism:
-        enable_full_determinism(args.seed)
-    else:
-        set_seed(args.seed)
-
-
-def refuse_to_replace(final_dir: str, overwrite: bool) -> None:
-    """Refuse, before step 1, a run whose ``final/`` would replace a finished sparse model,
-    unless ``overwrite`` (``--overwrite_output_dir``)."""
-    config = os.path.join(final_dir, "config.json")
-    try:
-        with open(config, encoding="utf-8") as fh:
-            finished = "nm_sparsity" in json.load(fh)
-    except (OSError, ValueError, TypeError):
-        finished = False
-    if finished and not overwrite:
-        raise RecipeConfigError(
-            f"output_dir: {final_dir} already holds a finished sparse model. Choose another "
-            f"--output_dir, or pass --overwrite_output_dir true to replace it."
-        )
 
 
 def load_labelled_data(data_args):
@@ -234,65 +217,11 @@ def _base_license(model_args) -> str | None:
 
 def _evaluate_only(trainer, notes: list[str]) -> dict[str, Any]:
     metrics = trainer.evaluate()
-    summary = {"eval": _numbers(metrics), "notes": notes, "steps": 0}
+    summary = {"eval": numbers(metrics), "notes": notes, "steps": 0}
     if trainer.args.should_save:
         print("eval: " + "  ".join(f"{k}={v}" for k, v in summary["eval"].items()), flush=True)
     trainer.accelerator.end_training()
     return summary
-
-
-def _finish(trainer, metrics, final_dir, seconds, notes, distributed) -> dict[str, Any]:
-    """Verify the saved model, print and write the summary; tear the process group down."""
-    from ..export import verify_checkpoint
-
-    summary: dict[str, Any] = {}
-    report = None
-    if trainer.args.should_save:
-        report = verify_checkpoint(final_dir)
-        summary = _summary(trainer, metrics, final_dir, report, seconds, notes)
-        summary["distributed"] = distributed
-        print(format_summary(summary), flush=True)
-    # No collective runs after this point. Tear the process group down on every rank before
-    # returning: a gloo group left to interpreter shutdown can abort the process ("terminate
-    # called without an active exception", pytorch/pytorch#190489). Also closes trackers.
-    trainer.accelerator.end_training()
-    if report is not None:
-        report.raise_if_failed()
-        with open(os.path.join(final_dir, "nmsparse_summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
-    return summary
-
-
-def _check_ranks_agree(trainer) -> dict[str, Any]:
-    """With several data-parallel processes, every rank must end with the same sparse weights
-    (same masks from the same weights): compare a digest of them across ranks, fail loudly if not.
-    Returns how the run was distributed (for the summary)."""
-    import hashlib
-
-    import torch.distributed as dist
-
-    info = {
-        "world_size": trainer.args.world_size,
-        "wrapper": type(trainer.model_wrapped).__name__,
-        "backend": getattr(trainer.accelerator.state, "backend", None),
-    }
-    if info["world_size"] < 2 or trainer.is_fsdp_enabled:  # FSDP ranks hold different shards
-        return info
-    digest = hashlib.sha256()
-    modules = dict(trainer.model.named_modules())
-    for name in sorted(trainer.sparsifier.layers):
-        weight = modules[name].weight.detach().cpu().contiguous()
-        digest.update(weight.numpy().tobytes())
-    digests: list[str] = [""] * info["world_size"]
-    dist.all_gather_object(digests, digest.hexdigest())
-    if len(set(digests)) != 1:
-        raise RuntimeError(
-            f"the ranks ended with different sparse weights ({len(set(digests))} distinct "
-            f"digests): masks diverged across processes. Please report this with your launch "
-            f"configuration."
-        )
-    info["ranks_agree"] = True
-    return info
 
 
 def _use_eval_collator(trainer, collator) -> None:
@@ -369,62 +298,3 @@ def _changed(obj) -> str:
 
 def _plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
-
-
-def _numbers(metrics) -> dict[str, float]:
-    return {
-        k: round(float(v), 4)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not math.isnan(v)
-    }
-
-
-def _summary(trainer, metrics, final_dir, report, seconds, notes) -> dict[str, Any]:
-    cfg = trainer.sparsity_config
-    meta = trainer.model.config.nm_sparsity if hasattr(trainer.model.config, "nm_sparsity") else {}
-    by_loc: dict[str, list[float]] = {}
-    for check in report.layers:
-        by_loc.setdefault(check.location, []).append(check.sparsity)
-    return {
-        "recipe": cfg.recipe_name,
-        "pattern": {loc: "{}:{}".format(*cfg.target_pattern(loc)) for loc in sorted(by_loc)},
-        "sparse_dim": cfg.sparse_dim,
-        "steps": trainer.state.global_step,
-        "seconds": round(seconds, 1),
-        "eval": _numbers(metrics),
-        "sparsity_by_location": {k: round(sum(v) / len(v), 4) for k, v in by_loc.items()},
-        "achieved_sparsity": round(meta.get("achieved_sparsity", 0.0), 4),
-        "layers_verified": f"{sum(c.ok for c in report.layers)}/{len(report.layers)}",
-        "verified": report.ok,
-        "checkpoint": os.path.abspath(final_dir),
-        "notes": notes,
-    }
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """The one-screen summary printed at the end of a recipe."""
-    line = "=" * 72
-    evals = "  ".join(
-        f"{k.removeprefix('eval_')}={v}"
-        for k, v in s["eval"].items()
-        if not k.endswith(("runtime", "per_second")) and k != "epoch"
-    )
-    rows = [
-        line,
-        f"nmsparse_hf | {s['recipe']} | {', '.join(f'{k} {v}' for k, v in s['pattern'].items())}"
-        f" kept (dim={s['sparse_dim']})",
-        f"trained {s['steps']} optimizer steps in {s['seconds']} s",
-        f"eval: {evals or 'not run (--do_eval false)'}",
-        "sparsity by location: "
-        + ", ".join(f"{k} {v:.1%}" for k, v in s["sparsity_by_location"].items())
-        + f" | targeted weights: {s['achieved_sparsity']:.1%} zero",
-        f"verified N:M: {'PASS' if s['verified'] else 'FAIL'} ({s['layers_verified']} layers)",
-        f"processes: {s['distributed']['world_size']} ({s['distributed']['wrapper']}"
-        + (", weights identical on every rank" if s["distributed"].get("ranks_agree") else "")
-        + ")",
-        f"checkpoint: {s['checkpoint']}",
-        f"check again with: nmsparse verify {s['checkpoint']}",
-    ]
-    rows += [f"note: {n}" for n in s.get("notes", [])]
-    rows.append(line)
-    return "\n".join(rows)

@@ -35,8 +35,8 @@ import yaml
 
 from ..config import NMSparsityConfig
 from ..errors import NMSparsityConfigError, NMTargetError
-from .arguments import _has_accelerator, shipped_config
-from .image_classification import _check_ranks_agree, _finish, _seed
+from .arguments import has_accelerator, shipped_config
+from .common import check_ranks_agree, finish_run, seed_everything
 
 # GLUE classification tasks: their text columns and validation split (stsb is a regression task).
 GLUE_TASKS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -128,7 +128,7 @@ def parse_args(argv: list[str] | None = None):
         path = Path(argv.pop(0))
         path = path if path.is_file() else shipped_config(path.name)
         defaults = _read_config(path, parser)
-    if not _has_accelerator():
+    if not has_accelerator():
         defaults.setdefault("use_cpu", True)
     parser.set_defaults(**defaults)
     model_args, data_args, args = parser.parse_args_into_dataclasses(argv)
@@ -339,7 +339,7 @@ def main(model_args: TextModelArguments, data_args: TextDataArguments, args) -> 
     from ..integrations import NMSparseTrainer
 
     start = time.time()
-    _seed(args)
+    seed_everything(args)
 
     # ---- data and model
     train_raw, eval_raw, names, columns = load_text_data(data_args)
@@ -371,7 +371,7 @@ def main(model_args: TextModelArguments, data_args: TextDataArguments, args) -> 
 
     # ---- train, save (before any evaluation), evaluate, verify
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    distributed = _check_ranks_agree(trainer)
+    distributed = check_ranks_agree(trainer)
     final_dir = os.path.join(args.output_dir, "final")
     card = _card_fields(model_args, data_args, args.output_dir)
     trainer.save_model(final_dir)
@@ -380,7 +380,7 @@ def main(model_args: TextModelArguments, data_args: TextDataArguments, args) -> 
     if results:
         trainer.create_model_card(**card)
     notes = [f"text to text ({type(model).__name__})"] if text_to_text else []
-    return _finish(trainer, results, final_dir, time.time() - start, notes, distributed)
+    return finish_run(trainer, results, final_dir, time.time() - start, notes, distributed)
 
 
 def _card_fields(model_args, data_args, output_dir: str) -> dict[str, Any]:
