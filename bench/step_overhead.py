@@ -144,6 +144,8 @@ def build_model(
         image_size=image,
         patch_size=16,
         num_labels=1000,
+        # set, not inferred on the first loss call (which would recompile a compiled model)
+        problem_type="single_label_classification",
     )
     torch.manual_seed(0)
     return ViTForImageClassification(config)
@@ -255,7 +257,9 @@ def summarize(variants: list[Variant], skip: int) -> dict[str, dict]:
     bytes, and for library recipes the overhead over the authors' overhead."""
     dense = variants[0]
     dense_times = dense.times[skip:]
-    ratios = {v.name: [t / d for t, d in zip(v.times[skip:], dense_times)] for v in variants}
+    ratios = {
+        v.name: [t / d for t, d in zip(v.times[skip:], dense_times, strict=True)] for v in variants
+    }
     out: dict[str, dict] = {}
     for v in variants:
         q1, med, q3 = quartiles(ratios[v.name])
@@ -269,8 +273,7 @@ def summarize(variants: list[Variant], skip: int) -> dict[str, dict]:
             "overhead_pct_iqr": [(q1 - 1) * 100, (q3 - 1) * 100],
             "saved_mb": saved / 2**20,
             "saved_over_dense": saved / dense_saved if dense_saved else float("nan"),
-            "saved_state_over_dense": (saved + v.state_bytes)
-            / (dense_saved + dense.state_bytes),
+            "saved_state_over_dense": (saved + v.state_bytes) / (dense_saved + dense.state_bytes),
             "rounds": ratios[v.name],
         }
         reference = "authors-SR-STE" if v.name == "SR-STE" else "authors"
@@ -303,7 +306,11 @@ def format_table(summary: dict[str, dict], memory: bool = True) -> str:
         line = (
             f"{name:>14} {r['step_ms']:9.1f} {r['time_over_dense']:10.3f} "
             f"{f'{lo:.3f}-{hi:.3f}':>13} {r['overhead_pct']:10.1f} {f'{olo:.1f}..{ohi:.1f}':>13} "
-            + (f"{ours:12.2f} {f'{band[0]:.2f}-{band[1]:.2f}':>13}" if ours is not None else " " * 27)
+            + (
+                f"{ours:12.2f} {f'{band[0]:.2f}-{band[1]:.2f}':>13}"
+                if ours is not None
+                else " " * 27
+            )
         )
         if memory:
             line += (

@@ -123,6 +123,7 @@ def test_streamed_bad_images_name_the_file_or_are_dropped(folder):
     data = build_training_data(args, train, evaluation, len(names))
     seen = sum(1 for _ in data.train_dataset) + sum(1 for _ in data.eval_dataset)
     assert seen == 10 - 2
+    assert sum(int(c.item()) for c in data.callbacks[0].counters) == 2
 
 
 def test_the_recipe_stops_before_training_naming_the_files(folder, tmp_path):

@@ -19,13 +19,12 @@ import contextlib
 
 import pytest
 import torch
+from _tiny_text import example_inputs, tiny_text_model
+from conftest import tiny_swin, tiny_swinv2, tiny_timm_vit, tiny_vit
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from nmsparse_hf import NMSparsifier, NMSparsityConfig
 from nmsparse_hf.sparsifier import ATTR
-
-from _tiny_text import example_inputs, tiny_text_model
-from conftest import tiny_swin, tiny_swinv2, tiny_timm_vit, tiny_vit
 
 # recipe -> (config fields, 0-based optimizer step of the 10-step run to test at, phase expected)
 _BASE = dict(n_keep=1, m=4, locations="FF,QKV")

@@ -390,7 +390,9 @@ def test_card_pipeline_tag_and_base_model_follow_the_model(digits_run):
     assert infer_pipeline_tag(["BertForSequenceClassification"]) == "text-classification"
     assert infer_pipeline_tag(["LlamaForCausalLM"]) == "text-generation"
     assert infer_pipeline_tag(["BertModel"]) is None
-    meta = json.loads((final / "config.json").read_text())["nm_sparsity"]
+    from nmsparse_hf.export import load_sparse_metadata
+
+    meta = load_sparse_metadata(final)
     text = render_model_card(
         meta,
         verify_checkpoint(final),

@@ -93,20 +93,23 @@ def find_bad_images(paths: Sequence[str], workers: int = 8) -> dict[str, str]:
 
 
 def image_paths(dataset, image_column: str) -> list[str | None] | None:
-    """The file path of every row of a map-style dataset's image column, or ``None`` when the
-    images are not local files (Hub parquet bytes, in-memory images)."""
+    """The file path of every row of a map-style dataset's image column (``None`` for a row whose
+    bytes are stored in the dataset), or ``None`` when no image is a local file (Hub parquet
+    bytes, in-memory images). Reads only the column's paths, through Arrow: no image is loaded."""
     import datasets
+    import pyarrow.compute as pc
 
     if isinstance(dataset, datasets.IterableDataset):
         return None
-    feature = dataset.features.get(image_column)
-    if not isinstance(feature, datasets.Image):
+    if not isinstance(dataset.features.get(image_column), datasets.Image):
         return None
-    raw = dataset.cast_column(image_column, datasets.Image(decode=False))
-    paths = [cell.get("path") if cell.get("bytes") is None else None for cell in raw[image_column]]
-    if not any(paths):
-        return None
-    return paths
+    paths: list[str | None] = []
+    for batch in dataset.with_format("arrow").iter(batch_size=65536):
+        column = batch[image_column]
+        local = pc.is_null(pc.struct_field(column, "bytes")).to_pylist()
+        names = pc.struct_field(column, "path").to_pylist()
+        paths += [name if is_local else None for name, is_local in zip(names, local, strict=True)]
+    return paths if any(paths) else None
 
 
 def format_bad_images(bad: Mapping[str, str], limit: int = 20) -> str:

@@ -142,6 +142,7 @@ def streaming_augmented(
     label_column: str,
     seed: int = 0,
     bad_images: str = "fail",
+    skipped: torch.Tensor | None = None,
 ):
     """A streamed `datasets.IterableDataset` mapped to ``{"pixel_values", "labels", "aug_key"}``.
 
@@ -149,7 +150,7 @@ def streaming_augmented(
     where ``epoch`` is the one the Trainer set with ``set_epoch`` and ``identity`` is the example's
     ``__key__``, else its image path, else its image bytes: two identical images of one stream get
     the same draws. A bad image raises `BadImageError` naming it, or with ``bad_images="skip"`` is
-    dropped (and logged).
+    dropped, logged and counted in ``skipped`` (a shared-memory int64 tensor, if given).
     """
     import datasets
 
@@ -166,6 +167,8 @@ def streaming_augmented(
             if bad_images != "skip":
                 raise
             logger.warning("skipping %s", err)
+            if skipped is not None:
+                skipped.add_(1)
             return {"pixel_values": None, "labels": -1, AUG_KEY: 0}
         key = augmentation_key(seed, holder["dataset"].epoch, _identity(example, value))
         with seeded_rng(key):
@@ -198,9 +201,15 @@ class AugmentationEpochCallback:
     forwards ``set_epoch`` to the sampler, not to such a dataset), and reports the images left out
     under ``bad_images="skip"`` at the end of training."""
 
-    def __init__(self, datasets_: list[AugmentedDataset], pre_skipped: int = 0):
+    def __init__(
+        self,
+        datasets_: list[AugmentedDataset],
+        pre_skipped: int = 0,
+        counters: list[torch.Tensor] | None = None,
+    ):
         self.datasets = datasets_
         self.pre_skipped = pre_skipped
+        self.counters = [d.skipped for d in datasets_] + list(counters or [])
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         """Set every dataset's epoch to the Trainer's (``int(state.epoch)``, exact at a boundary)."""
@@ -210,7 +219,7 @@ class AugmentationEpochCallback:
 
     def on_train_end(self, args, state, control, **kwargs):
         """Warn with the number of images left out (bad_images='skip')."""
-        skipped = self.pre_skipped + sum(int(d.skipped.item()) for d in self.datasets)
+        skipped = self.pre_skipped + sum(int(c.item()) for c in self.counters)
         if skipped:
             logger.warning(
                 "bad_images='skip': %d unreadable image(s) were left out (%d found before "
@@ -319,17 +328,18 @@ def build_training_data(
         notes.append(f"bad_images=skip: {skipped} unreadable image(s) left out")
     train_tf, eval_tf = transforms_from_args(data_args, source)
     policy = data_args.bad_images
+    counters: list[torch.Tensor] = []
     if isinstance(train_raw, datasets.IterableDataset):
-        train_ds = streaming_augmented(
-            train_raw, train_tf, image_column, label_column, seed, policy
-        )
-        eval_ds = streaming_augmented(eval_raw, eval_tf, image_column, label_column, seed, policy)
+        counters = [torch.zeros(1, dtype=torch.int64).share_memory_() for _ in range(2)]
+        columns = (image_column, label_column, seed, policy)
+        train_ds = streaming_augmented(train_raw, train_tf, *columns, counters[0])
+        eval_ds = streaming_augmented(eval_raw, eval_tf, *columns, counters[1])
         epoch_datasets = []
     else:
         train_ds = AugmentedDataset(train_raw, train_tf, image_column, label_column, seed, policy)
         eval_ds = AugmentedDataset(eval_raw, eval_tf, image_column, label_column, seed, policy)
         epoch_datasets = [train_ds, eval_ds]
-    callbacks = [AugmentationEpochCallback(epoch_datasets, pre_skipped=skipped)]
+    callbacks = [AugmentationEpochCallback(epoch_datasets, skipped, counters)]
     soft = bce_loss or data_args.mixing
     if not soft:
         return TrainingData(

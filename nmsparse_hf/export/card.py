@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..sparsifier import VerificationReport
+from .metadata import SparseCheckpointMetadata
 
 TAGS = ["nmsparse", "nmsparse_hf", "n:m-sparsity", "sparse"]
 # Eval entries that are bookkeeping, not quality: left out of the model-index.
@@ -55,7 +56,7 @@ def infer_pipeline_tag(architectures: Sequence[str] | None) -> str | None:
 
 def write_model_card(
     folder: str | os.PathLike,
-    meta: Mapping[str, Any],
+    meta: SparseCheckpointMetadata,
     report: VerificationReport | None = None,
     eval_results: Mapping[str, Any] | None = None,
     model_name: str | None = None,
@@ -123,7 +124,7 @@ def quality_metrics(eval_results: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def card_metadata(
-    meta: Mapping[str, Any],
+    meta: SparseCheckpointMetadata,
     *,
     model_name: str,
     model_type: str | None = None,
@@ -141,8 +142,8 @@ def card_metadata(
     quality metrics of ``eval_results`` on ``dataset`` (default: the first Hub id)."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    patterns = [f"{p[0]}:{p[1]}" for p in (meta.get("locations") or {}).values()]
-    tag_list = [*TAGS, *(f"{p}-sparsity" for p in patterns), str(meta["recipe"]).lower()]
+    patterns = [f"{p[0]}:{p[1]}" for p in meta.locations.values()]
+    tag_list = [*TAGS, *(f"{p}-sparsity" for p in patterns), meta.recipe.lower()]
     tag_list += [t for t in (model_type, pipeline_tag) if t] + _listify(tags)
     datasets = _listify(dataset_tags)
     dataset = dataset or (datasets[0] if datasets else None)
@@ -174,7 +175,7 @@ def card_metadata(
 
 
 def render_model_card(
-    meta: Mapping[str, Any],
+    meta: SparseCheckpointMetadata,
     report: VerificationReport,
     eval_results: Mapping[str, Any] | None = None,
     model_name: str = "N:M-sparse model",
@@ -193,7 +194,7 @@ def render_model_card(
     """The README.md of a sparse checkpoint: front matter (`card_metadata`) and the body of
     ``templates/model_card.md``.
 
-    ``meta`` is the `sparse_metadata` block, ``report`` the verification of the saved weights
+    ``meta`` is the checkpoint's `SparseCheckpointMetadata`, ``report`` the verification of the saved weights
     (one row per layer block, with on-disk names). ``pipeline_tag`` defaults to the task of
     ``architectures`` (`infer_pipeline_tag`); ``finetuned_from`` (or ``base_model``, the Hub
     card's name) is the base model's Hub id or path; ``dataset`` names the evaluation data for
@@ -225,8 +226,8 @@ def render_model_card(
         what=_what(pipeline_tag, finetuned_from),
         usage=_usage(pipeline_tag, repo_hint),
         **_body_tables(meta, report, eval_results),
-        library_version=meta.get("library_version", "?"),
-        format=meta["format"],
+        library_version=meta.library_version or "?",
+        format=meta.format,
     )
 
 
@@ -263,22 +264,20 @@ def _usage(pipeline_tag: str | None, repo_hint: str) -> str:
 
 
 def _body_tables(
-    meta: Mapping[str, Any], report: VerificationReport, eval_results: Mapping[str, Any] | None
+    meta: SparseCheckpointMetadata,
+    report: VerificationReport,
+    eval_results: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    locs = meta.get("location_sparsity", {})
     location_rows = [
-        f"| {loc} | {info['pattern'][0]}:{info['pattern'][1]} | {info['blocks']} | "
-        f"{info['sparsity']:.4f} |"
-        for loc, info in locs.items()
+        f"| {loc} | {info.pattern[0]}:{info.pattern[1]} | {info.blocks} | {info.sparsity:.4f} |"
+        for loc, info in meta.location_sparsity.items()
     ]
     layer_rows = [
         f"| `{c.name}` | {c.location} | {c.pattern[0]}:{c.pattern[1]} | "
         f"{'x'.join(map(str, c.shape))} | {c.sparsity:.4f} |"
         for c in report.layers
     ]
-    recipe_rows = [
-        f"| {_cell(k)} | {_cell(v)} |" for k, v in meta.get("config", {}).items() if v is not None
-    ]
+    recipe_rows = [f"| {_cell(k)} | {_cell(v)} |" for k, v in meta.config.items() if v is not None]
     if eval_results:
         eval_section = "| metric | value |\n|---|---|\n" + "\n".join(
             f"| {_cell(k)} | {_cell(v)} |" for k, v in eval_results.items()
@@ -287,16 +286,16 @@ def _body_tables(
         eval_section = "No evaluation results were recorded."
     dim_words = (
         "input dimension of each weight (`row`)"
-        if meta["sparse_dim"] == "row"
+        if meta.sparse_dim == "row"
         else "output dimension of each weight (`col`)"
     )
     return dict(
-        recipe=meta["recipe"],
+        recipe=meta.recipe,
         dim_words=dim_words,
-        sparse_dim=meta["sparse_dim"],
-        achieved=f"{meta['achieved_sparsity']:.4f}",
-        nonzeros=meta.get("nonzeros", "?"),
-        numel=meta.get("numel", "?"),
+        sparse_dim=meta.sparse_dim,
+        achieved=f"{meta.achieved_sparsity:.4f}",
+        nonzeros=meta.nonzeros,
+        numel=meta.numel,
         location_rows="\n".join(location_rows),
         num_layers=len(report.layers),
         layer_rows="\n".join(layer_rows),

@@ -466,7 +466,7 @@ def save_sparse_pretrained(
     report.raise_if_failed()
     write_model_card(
         folder,
-        meta.to_dict(),
+        meta,
         report,
         eval_results=eval_results,
         model_name=model_name,

@@ -125,7 +125,7 @@ class NMSparseTrainer(Trainer):
             kwargs["tags"] = tags + [t for t in model_tags if t not in tags]
         write_model_card(
             folder,
-            load_sparse_metadata(folder).to_dict(),
+            load_sparse_metadata(folder),
             eval_results=self._last_eval_results(),
             model_name=kwargs.pop("model_name", None),
             model_type=getattr(getattr(model, "config", None), "model_type", None),

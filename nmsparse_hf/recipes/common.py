@@ -105,7 +105,9 @@ def numbers(metrics) -> dict[str, float]:
 def summarize(trainer, metrics, final_dir, report, seconds, notes) -> dict[str, Any]:
     """The summary of a finished run (what `format_summary` prints and the run writes as JSON)."""
     cfg = trainer.sparsity_config
-    meta = trainer.model.config.nm_sparsity if hasattr(trainer.model.config, "nm_sparsity") else {}
+    from ..export import load_sparse_metadata
+
+    meta = load_sparse_metadata(final_dir)
     by_loc: dict[str, list[float]] = {}
     for check in report.layers:
         by_loc.setdefault(check.location, []).append(check.sparsity)
@@ -117,7 +119,7 @@ def summarize(trainer, metrics, final_dir, report, seconds, notes) -> dict[str, 
         "seconds": round(seconds, 1),
         "eval": numbers(metrics),
         "sparsity_by_location": {k: round(sum(v) / len(v), 4) for k, v in by_loc.items()},
-        "achieved_sparsity": round(meta.get("achieved_sparsity", 0.0), 4),
+        "achieved_sparsity": round(meta.achieved_sparsity, 4),
         "layers_verified": f"{sum(c.ok for c in report.layers)}/{len(report.layers)}",
         "verified": report.ok,
         "checkpoint": os.path.abspath(final_dir),

@@ -225,7 +225,7 @@ def _evaluate_only(trainer, notes: list[str]) -> dict[str, Any]:
 
 
 def _use_eval_collator(trainer, collator) -> None:
-    """The Trainer has one data_collator; evaluation must not see mixup (see MixupCollator)."""
+    """The Trainer has one data_collator; evaluation must not see mixup (see TimmMixCollator)."""
     original = trainer.get_eval_dataloader
 
     def get_eval_dataloader(eval_dataset=None):
