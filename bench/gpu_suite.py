@@ -150,57 +150,68 @@ def _train_step(variant: Variant, step: int, pixels, labels, device, dtype) -> N
     variant.optimizer.zero_grad(set_to_none=True)
 
 
+def _measure(device, base, name, mode, pixels, labels, warmup, repeats, dtype) -> dict:
+    """One variant alone: warm-up steps, then timed steps with the peak memory they reach.
+
+    ``peak_mb`` counts what the variant's training holds at its peak (model copy, gradients,
+    AdamW state, activations), above what was allocated before it was built (the shared base
+    model and the inputs)."""
+    cuda = device.type == "cuda"
+    before = torch.cuda.memory_allocated(device) if cuda else 0
+    variant = Variant(name, base, 100_000, (2, 4), compile=mode == "compiled")
+    start = time.perf_counter()
+    for step in range(warmup):
+        _train_step(variant, step, pixels, labels, device, dtype)
+    _sync(device)
+    warm_s = time.perf_counter() - start
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for step in range(warmup, warmup + repeats):
+        times.append(
+            _timed(
+                device, lambda v=variant, s=step: _train_step(v, s, pixels, labels, device, dtype)
+            )
+        )
+    peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
+    del variant
+    if cuda:
+        torch.cuda.empty_cache()
+    row = {
+        "variant": name,
+        "mode": mode,
+        "step_ms": statistics.median(times) * 1e3,
+        "step_ms_min": min(times) * 1e3,
+        "step_ms_max": max(times) * 1e3,
+        "peak_mb": None if peak is None else peak / 2**20,
+        "warmup_s": warm_s,
+    }
+    print(
+        f"step {mode} {name}: {row['step_ms']:.1f} ms"
+        + ("" if peak is None else f", peak {row['peak_mb']:.0f} MB")
+        + f" (warm-up {warm_s:.1f} s)"
+    )
+    return row
+
+
 def train_steps(device, base, batch, image, names, compiled_names, warmup, repeats, dtype):
     """Median step ms and peak memory of each variant, eager and compiled, one at a time."""
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch, 3, image, image, generator=generator).to(device)
     labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
-    rows = []
     torch._dynamo.config.recompile_limit = 64
-    for mode, mode_names in (("eager", names), ("compiled", compiled_names)):
-        for name in mode_names:
-            variant = Variant(name, base, 100_000, (2, 4), compile=mode == "compiled")
-            start = time.perf_counter()
-            for step in range(warmup):
-                _train_step(variant, step, pixels, labels, device, dtype)
-            _sync(device)
-            warm_s = time.perf_counter() - start
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            for step in range(warmup, warmup + repeats):
-                _sync(device)
-                begin = time.perf_counter()
-                _train_step(variant, step, pixels, labels, device, dtype)
-                _sync(device)
-                times.append(time.perf_counter() - begin)
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            rows.append(
-                {
-                    "variant": name,
-                    "mode": mode,
-                    "step_ms": statistics.median(times) * 1e3,
-                    "step_ms_min": min(times) * 1e3,
-                    "step_ms_max": max(times) * 1e3,
-                    "peak_mb": None if peak is None else peak / 2**20,
-                    "warmup_s": warm_s,
-                }
-            )
-            print(
-                f"step {mode} {name}: {rows[-1]['step_ms']:.1f} ms"
-                + ("" if peak is None else f", peak {peak / 2**20:.0f} MB")
-                + f" (warm-up {warm_s:.1f} s)"
-            )
-            del variant
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    for mode in ("eager", "compiled"):
-        dense = next((r for r in rows if r["mode"] == mode and r["variant"] == "dense"), None)
-        for r in rows:
-            if dense is not None and r["mode"] == mode:
-                r["time_over_dense"] = r["step_ms"] / dense["step_ms"]
-                if r["peak_mb"] is not None:
-                    r["peak_over_dense"] = r["peak_mb"] / dense["peak_mb"]
+    rows = [
+        _measure(device, base, name, mode, pixels, labels, warmup, repeats, dtype)
+        for mode, mode_names in (("eager", names), ("compiled", compiled_names))
+        for name in mode_names
+    ]
+    for r in rows:
+        dense = next((d for d in rows if d["mode"] == r["mode"] and d["variant"] == "dense"), None)
+        if dense is None:
+            continue
+        r["time_over_dense"] = r["step_ms"] / dense["step_ms"]
+        if r["peak_mb"] is not None:
+            r["peak_over_dense"] = r["peak_mb"] / dense["peak_mb"]
     return rows
 
 

@@ -118,6 +118,51 @@ def _reference_loss(full: dict, step: int, total: int, x, y) -> float:
         return float(ref(pixel_values=x, labels=y).loss)
 
 
+def _param_evidence(w, full_shape) -> dict:
+    """How FSDP2 holds one weight at rest: a DTensor sharded on dim 0, and its shapes."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    sharded = isinstance(w, DTensor)
+    return {
+        "is_dtensor": sharded,
+        "placements": [str(p) for p in w.placements] if sharded else None,
+        "shard0": sharded and tuple(w.placements) == (Shard(0),),
+        "full_shape": full_shape,
+        "dtensor_shape": list(w.shape),
+        "local_shape": list(w.to_local().shape) if sharded else None,
+    }
+
+
+def _probe_hook(evidence: dict, current: dict):
+    """A forward hook recording what the probed layer really multiplies with at each step."""
+    from torch.distributed.tensor import DTensor
+
+    from nmsparse_hf import is_nm
+
+    def hook(module, inputs, output):
+        state = module._nm_sparse
+        weight = module.weight
+        record = {
+            "step": current["step"],
+            "weight_is_dtensor": isinstance(weight, DTensor),
+            "weight_shape": list(weight.shape),
+            "active": state.active,
+        }
+        with torch.no_grad():
+            eff = state.effective(weight.detach())
+            expected = torch.nn.functional.linear(inputs[0], eff, module.bias)
+            record["output_matches_effective"] = bool(torch.allclose(output, expected, atol=1e-6))
+            if state.active:
+                n, m = state.patterns[0]
+                record["pattern"] = [n, m]
+                record["effective_is_nm"] = is_nm(eff, n, m)
+                dense = torch.nn.functional.linear(inputs[0], weight, module.bias)
+                record["differs_from_dense"] = not torch.allclose(output, dense)
+        evidence["hook_checks"].append(record)
+
+    return hook
+
+
 def run_fsdp(a) -> None:
     """NMSparsifier attached before `fully_shard`; a plain AdamW loop on gloo; DCP resume."""
     import torch.distributed as dist
@@ -125,9 +170,8 @@ def run_fsdp(a) -> None:
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor, Shard
 
-    from nmsparse_hf import NMSparsifier, NMSparsityConfig, is_nm
+    from nmsparse_hf import NMSparsifier, NMSparsityConfig
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -152,42 +196,14 @@ def run_fsdp(a) -> None:
         "reference": {},
     }
     for name in sp.layers:
-        w = modules[name].weight
-        evidence["params"][name] = {
-            "is_dtensor": isinstance(w, DTensor),
-            "placements": [str(p) for p in w.placements] if isinstance(w, DTensor) else None,
-            "shard0": isinstance(w, DTensor) and tuple(w.placements) == (Shard(0),),
-            "full_shape": full_shapes[f"{name}.weight"],
-            "dtensor_shape": list(w.shape),
-            "local_shape": list(w.to_local().shape) if isinstance(w, DTensor) else None,
-        }
+        evidence["params"][name] = _param_evidence(
+            modules[name].weight, full_shapes[f"{name}.weight"]
+        )
 
     # inside forward FSDP2 has unsharded the weight: check what the layer really multiplies with
     probe = "vit.layers.0.mlp.fc1"
-
-    def hook(module, inputs, output):
-        state = module._nm_sparse
-        weight = module.weight
-        record = {
-            "step": current["step"],
-            "weight_is_dtensor": isinstance(weight, DTensor),
-            "weight_shape": list(weight.shape),
-            "active": state.active,
-        }
-        with torch.no_grad():
-            eff = state.effective(weight.detach())
-            expected = torch.nn.functional.linear(inputs[0], eff, module.bias)
-            record["output_matches_effective"] = bool(torch.allclose(output, expected, atol=1e-6))
-            if state.active:
-                n, m = state.patterns[0]
-                record["pattern"] = [n, m]
-                record["effective_is_nm"] = is_nm(eff, n, m)
-                dense = torch.nn.functional.linear(inputs[0], weight, module.bias)
-                record["differs_from_dense"] = not torch.allclose(output, dense)
-        evidence["hook_checks"].append(record)
-
-    modules[probe].register_forward_hook(hook)
     current = {"step": 0}
+    modules[probe].register_forward_hook(_probe_hook(evidence, current))
 
     start = 0
     if a.resume:

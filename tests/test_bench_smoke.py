@@ -5,6 +5,7 @@ No timing is asserted: these only prove the scripts work (and that torch.ao's ma
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(*args: str) -> str:
+def run_script(*args: str, timeout: int = 120) -> str:
     result = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
@@ -49,3 +50,96 @@ def test_step_overhead_bench_runs():
     recipes = [line.split()[0] for line in out.splitlines() if line.strip()]
     for name in ("dense", "STE", "SR-STE", "MDGF-exp", "SDGF"):
         assert name in recipes
+    for name in ("MDGF-lin", "SDGF-geo", "authors", "authors-SR-STE"):
+        assert name in recipes
+    assert "ours/authors" in out and "IQR" in out
+
+
+TINY_STEP = ("--layers", "1", "--image-size", "32", "--repeats", "2", "--warmup", "0")
+
+
+@pytest.mark.slow
+def test_step_overhead_profile_and_json(tmp_path):
+    out = run_script(
+        "bench/step_overhead.py",
+        *TINY_STEP,
+        "--batch",
+        "1",
+        "--recipes",
+        "STE",
+        "authors",
+        "--profile",
+        "STE",
+        "--profile-top",
+        "4",
+        "--json",
+        str(tmp_path / "so.json"),
+    )
+    assert "STE vs dense: operators by added self CPU time" in out
+    result = json.loads((tmp_path / "so.json").read_text())
+    assert set(result["variants"]) == {"dense", "STE", "authors"}
+    ste = result["variants"]["STE"]
+    assert len(ste["rounds"]) == 2 and "over_authors_overhead" in ste
+    assert ste["saved_over_dense"] > 1  # the bool masks
+
+
+@pytest.mark.slow
+def test_step_scaling_bench_runs(tmp_path):
+    out = run_script(
+        "bench/step_scaling.py",
+        *TINY_STEP,
+        "--out",
+        str(tmp_path),
+        "--batches",
+        "1",
+        "2",
+        "--widths",
+        "vit-s",
+        "--width-batch",
+        "2",
+        "--variants",
+        "dense",
+        "STE",
+        "authors",
+    )
+    assert "vit-s batch 2" in out
+    result = json.loads((tmp_path / "step_scaling.json").read_text())
+    assert [r["batch"] for r in result["batch"]] == [1, 2]
+    assert [r["width"] for r in result["width"]] == ["vit-s"]
+    assert (tmp_path / "step_scaling.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke(tmp_path):
+    """Every code path of the GPU suite, on CPU; CUDA-only parts say why they are skipped."""
+    out = run_script("bench/gpu_suite.py", "--out", str(tmp_path), "--smoke", timeout=400)
+    result = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert [r["pattern"] for r in result["mask_kernel"]] == ["2:4", "1:8", "1:32"]
+    assert all("compiled_ms" in r and "ao.step_ms" in r for r in result["mask_kernel"])
+    rows = {(r["mode"], r["variant"]) for r in result["train_step"]["rows"]}
+    for name in ("dense", "STE", "SR-STE", "MDGF-lin", "MDGF-exp", "SDGF", "SDGF-geo"):
+        assert ("eager", name) in rows
+    assert {("compiled", "dense"), ("compiled", "MDGF-exp")} <= rows
+    inference = result["semi_structured"]
+    if "skipped" in inference:
+        assert "2:4 inference SKIPPED" in out
+        assert inference["candidates"] == "2/2"
+    assert "## Training step" in (tmp_path / "gpu_suite.md").read_text()
+
+
+@pytest.mark.slow
+def test_data_throughput_bench_runs(tmp_path):
+    out = run_script(
+        "bench/data_throughput.py",
+        "--count",
+        "8",
+        "--batch",
+        "4",
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert "randaugment m15-n2" in out and "TimmMixCollator" in out
+    result = json.loads((tmp_path / "data_throughput.json").read_text())
+    assert result["per_example_per_core"] > 0 and result["loader"]["1"] > 0

@@ -242,6 +242,38 @@ def test_ddp_two_gloo_processes_nmsparse_trainer(tmp_path):
 
 # ---------------------------------------------------------------------------- FSDP2
 @pytest.mark.multiprocess
+def _check_fsdp2_rank(e: dict) -> None:
+    """What one rank of the FSDP2 sparsifier run reports (see `_dist_worker.run_fsdp`)."""
+    assert e["backend"] == "gloo" and e["world_size"] == 2
+    assert e["wrapper"].startswith("FSDP")  # fully_shard swaps in an FSDP* subclass
+    assert len(e["params"]) == 10
+    for name, p in e["params"].items():
+        # at rest: DTensors sharded on dim 0, each rank holding half of the rows
+        assert p["is_dtensor"] and p["shard0"] and p["placements"] == ["S(0)"], name
+        assert p["dtensor_shape"] == p["full_shape"]
+        assert p["local_shape"] == [p["full_shape"][0] // 2, p["full_shape"][1]], name
+    phases = [e["steps"][str(s)]["phase"] for s in range(8)]
+    assert phases == ["dense"] * 2 + ["sparse"] * 4 + ["finetune"] * 2
+    # inside forward the weight is whole (unsharded) and the layer multiplies with W~
+    checks = e["hook_checks"]
+    assert [c["step"] for c in checks] == list(range(8))
+    for c in checks:
+        assert not c["weight_is_dtensor"] and c["weight_shape"] == [128, 64]
+        assert c["output_matches_effective"], c
+        assert c["active"] == (c["step"] >= 2)
+    for c in checks[3:]:  # alpha < 1 from the 2nd sparse step: masking changes the output
+        assert c["differs_from_dense"], c
+    for c in checks[6:]:  # fine-tune: the effective weight is exactly 1:4
+        assert c["effective_is_nm"] and c["pattern"] == [1, 4], c
+    # finalize() on each rank's local shard (half the rows) passes, and in frozen fine-tune
+    # the pruned weights are zeroed on the local shards
+    assert e["local_verify_ok"]
+    assert all(s[0] in (32, 64) for s in e["local_checked_shapes"].values())
+    for f in e["frozen"]:
+        assert all(f["nm"].values()) == (f["phase"] == "finetune"), f
+    assert sum(f["phase"] == "finetune" for f in e["frozen"]) == 2
+
+
 def test_fsdp2_sparsifier_sharded_training_and_exact_resume(tmp_path):
     full, first, resumed = tmp_path / "full", tmp_path / "first", tmp_path / "resumed"
     for d in (full, first, resumed):
@@ -250,34 +282,7 @@ def test_fsdp2_sparsifier_sharded_training_and_exact_resume(tmp_path):
     ranks = _evidence(full)
     assert sorted(e["rank"] for e in ranks) == [0, 1]
     for e in ranks:
-        assert e["backend"] == "gloo" and e["world_size"] == 2
-        assert e["wrapper"].startswith("FSDP")  # fully_shard swaps in an FSDP* subclass
-        assert len(e["params"]) == 10
-        for name, p in e["params"].items():
-            # at rest: DTensors sharded on dim 0, each rank holding half of the rows
-            assert p["is_dtensor"] and p["shard0"] and p["placements"] == ["S(0)"], name
-            assert p["dtensor_shape"] == p["full_shape"]
-            assert p["local_shape"] == [p["full_shape"][0] // 2, p["full_shape"][1]], name
-        phases = [e["steps"][str(s)]["phase"] for s in range(8)]
-        assert phases == ["dense"] * 2 + ["sparse"] * 4 + ["finetune"] * 2
-        # inside forward the weight is whole (unsharded) and the layer multiplies with W~
-        checks = e["hook_checks"]
-        assert [c["step"] for c in checks] == list(range(8))
-        for c in checks:
-            assert not c["weight_is_dtensor"] and c["weight_shape"] == [128, 64]
-            assert c["output_matches_effective"], c
-            assert c["active"] == (c["step"] >= 2)
-        for c in checks[3:]:  # alpha < 1 from the 2nd sparse step: masking changes the output
-            assert c["differs_from_dense"], c
-        for c in checks[6:]:  # fine-tune: the effective weight is exactly 1:4
-            assert c["effective_is_nm"] and c["pattern"] == [1, 4], c
-        # finalize() on each rank's local shard (half the rows) passes, and in frozen fine-tune
-        # the pruned weights are zeroed on the local shards
-        assert e["local_verify_ok"]
-        assert all(s[0] in (32, 64) for s in e["local_checked_shapes"].values())
-        for f in e["frozen"]:
-            assert all(f["nm"].values()) == (f["phase"] == "finetune"), f
-        assert sum(f["phase"] == "finetune" for f in e["frozen"]) == 2
+        _check_fsdp2_rank(e)
     rank0 = next(e for e in ranks if e["rank"] == 0)
     # the sharded forward gives bitwise the loss of a plain model with the same masks
     assert set(rank0["reference"]) == {"3", "6"}
