@@ -300,6 +300,11 @@ def check_blocks(
         rows, loc = spec.get("rows"), spec["location"]
         pattern = (int(spec["n_keep"]), int(spec["m"]))
         label = name + ("" if not rows else f"[{loc}]")
+        if weight.dim() < 2:
+            report.problems.append(
+                f"{label}: the weight has shape {tuple(weight.shape)}, not a layer's weight"
+            )
+            continue
         part = weight.t() if spec.get("fan_in_fan_out") and weight.dim() == 2 else weight
         if rows and not 0 <= rows[0] < rows[1] <= part.shape[0]:
             report.problems.append(

@@ -263,6 +263,14 @@ def test_unreadable_input_exits_2_with_one_line(ckpt, capsys, damage, expected):
     assert len(text.strip().splitlines()) == 1
 
 
+def test_a_weight_of_the_wrong_rank_is_a_failure_not_a_crash(ckpt, capsys):
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["vit.encoder.layer.0.intermediate.dense.weight"] = torch.zeros(8)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    code, text = _verify_cli(ckpt, capsys)
+    assert code == 1 and "not a layer's weight" in text and "Traceback" not in text
+
+
 def test_pickled_weights_are_never_loaded(ckpt, capsys):
     (ckpt / "model.safetensors").unlink()
     (ckpt / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")

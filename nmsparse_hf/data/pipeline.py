@@ -300,8 +300,9 @@ def build_training_data(
     timm's `Mixup` (`TimmMixCollator`). Labels are float soft targets (BCE) when mixing is on or
     ``bce_loss``; ``label_smoothing`` then goes into the targets as timm does (the caller must
     not also smooth in the loss). Local images are checked first (``data_args.bad_images``).
-    Every random draw is keyed by ``(seed, epoch, sample)``; ``seed`` defaults to
-    ``data_args.dataset_seed``.
+    Every random draw is keyed by ``(seed, epoch, sample)``, where ``seed`` combines
+    ``data_args.dataset_seed`` with the run's ``seed`` (`TrainingArguments.seed`, if given), so
+    runs with different seeds draw different augmentations, as in timm.
     """
     import datasets
 
@@ -309,7 +310,7 @@ def build_training_data(
     from .sources import resolve_columns
     from .transforms import transforms_from_args
 
-    seed = data_args.dataset_seed if seed is None else seed
+    seed = data_args.dataset_seed if seed is None else data_args.dataset_seed * 2**32 + seed % 2**32
     timm_model = getattr(model, "timm_model", None)
     if isinstance(getattr(timm_model, "pretrained_cfg", None), Mapping):
         source = timm_model  # a TimmWrapper: timm's data config, as timm's train.py reads it

@@ -64,7 +64,7 @@ def read_json(path: Path, what: str) -> Any:
         ) from None
     except RecursionError:
         raise NMCheckpointError(
-            f"{path}: the {what} is nested too deeply to be a model config."
+            f"{path}: the {what} is JSON nested too deeply to read (no model config is)."
         ) from None
 
 

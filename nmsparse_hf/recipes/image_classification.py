@@ -170,6 +170,7 @@ def image_datasets(
         model=built.model,
         bce_loss=model_args.bce_loss,
         label_smoothing=smoothing,
+        seed=getattr(args, "seed", None),
     )
     if data.soft_labels:
         built.model.config.problem_type = "multi_label_classification"
