@@ -1,38 +1,34 @@
-"""The paper in miniature: held-out accuracy of each N:M recipe at 2:4, 1:8 and 1:16 on FF.
+"""The paper in miniature: held-out accuracy of every N:M recipe where capacity binds.
 
-A tiny ViT (8x8 one-channel images, patch 2, 2 layers, hidden 64, MLP 256) learns scikit-learn's
-bundled handwritten digits (1497 train / 300 held out, the split of ``examples/plain_loop.py``;
-no network). Every (recipe, pattern) runs under an **equal budget** for a given seed: the same
-initial weights, the same split and batch order, the same optimizer (AdamW), learning rate and
-cosine schedule, the same number of steps. Sparsity is on the feed-forward layers (``FF``, row
-grouping); no dense warm-up and no fine-tune phase, so every sparse recipe spends the whole run
-under its own schedule (docs/METHOD.md §5) and is evaluated as exported: ``finalize()`` bakes
-W ⊙ Φ(W; N, M) into the weights before the held-out pass.
+A narrow tiny ViT (8x8 one-channel images, patch 2, see ``MODEL``) learns scikit-learn's bundled
+handwritten digits (1497 train / 300 held out, the split of ``examples/plain_loop.py``; no
+network). Sparsity sits either on the feed-forward layers only (``FF``) or on the feed-forward
+layers and the attention query, key and value projections at the same pattern (``FF+QKV``), row
+grouping, at patterns up to 1:32 (1:64 where every targeted layer's input width allows it).
 
-Recipes (docs/METHOD.md §4):
+Every run of a seed has an **equal budget**: the same initial weights, the same split and batch
+order, the same optimizer (AdamW), learning rate and cosine schedule and the same number of
+optimizer steps; no dense warm-up; the last ``--finetune`` fraction of the steps (10% by
+default) runs with the binary target mask for every recipe. The model is evaluated as exported:
+``finalize()`` bakes W ⊙ Φ(W; N, M) into the weights before the held-out pass.
 
-* ``dense``: no mask. Its runs do not depend on the pattern, so it runs once per seed and is
-  shown as the reference in every pattern's column.
-* ``STE`` (opt-in, not in the default list): binary mask from step 0, straight-through gradient.
-* ``SR-STE``: binary mask + lambda (1 - m) W on the pruned weights' gradient, lambda = 2e-4.
-* ``MDGF-linear`` / ``MDGF-exp``: pruned weights contribute alpha_j W to the forward, alpha
-  decaying to ~0 at 70% of training, the paper's advice: linear beta = 1/L, exp beta = 6.9/L with
-  L = 0.7 x total steps.
-* ``SDGF-stepwise`` / ``SDGF-geometric``: the pattern itself decays in equal stages over the run:
-  stepwise (M-1):M, M/2:M, ..., N:M (1:8: 7:8, 4:8, 2:8, 1:8; 1:16 has five stages), geometric
-  (kN):(kM) for k = 8, 4, 2, 1 (the default ``structure_decay_start_k``). The geometric 1:16
-  start 8:128 does not fit fc1's 64 inputs: ``structure_decay_fallback`` lets fc1 hold the next
-  stage that fits (4:64) there; fc2 (256 inputs) takes every stage.
+Recipes (docs/METHOD.md §4): ``dense``, ``STE``, ``SR-STE`` (λ = 2e-4), ``MDGF-linear`` /
+``MDGF-exp`` (α ≈ 0 at 70% of the steps: β = 1/L and 6.9/L with L = 0.7 × steps),
+``SDGF-stepwise`` / ``SDGF-geometric`` (the pattern decays in equal stages over the sparse phase;
+geometric stages that do not fit a layer are skipped by ``structure_decay_fallback``).
 
-Optimizer: AdamW (lr 3e-3, weight decay 0.01), cosine with 5% linear warm-up, grad-norm clip 1.0
-(the paper's), batch 64, 12 epochs (288 steps) by default.
+Statistics: for each cell (location, pattern, recipe) the mean over seeds with its 95% t
+interval, and the per-seed **paired** difference to SR-STE at the same location and pattern (same
+initial weights and batch order): mean, 95% t interval, and seeds ahead / tied / total.
 
-Runs are interleaved (for each seed, for each pattern, every recipe) so that load from other
-processes on a shared machine spreads over all recipes alike.
+The grid is run column by column (a column is one location and pattern), sparsest first, every
+seed and recipe of a column before the next, and the JSON is rewritten after every run: a run
+that is stopped keeps its finished runs, and running the same command again skips them.
 
-    .venv/bin/python bench/study.py                       # 3 seeds, the full grid, docs/
-    .venv/bin/python bench/study.py --seeds 1 --epochs 1 --recipes dense,SR-STE --patterns 1:8 \
-        --out /tmp/study
+    .venv/bin/python bench/study.py                              # the full grid, into docs/
+    .venv/bin/python bench/study.py --cell FF+QKV/1:32/MDGF-exp  # rerun one cell, every seed
+    .venv/bin/python bench/study.py --seeds 1 --epochs 1 --recipes dense,SR-STE \\
+        --patterns 1:8 --locations FF --out /tmp/study          # smoke run
 """
 
 from __future__ import annotations
@@ -40,6 +36,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
+import os
 import platform
 import statistics
 import sys
@@ -55,6 +53,8 @@ from nmsparse_hf import NMSparsifier, NMSparsityConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHA_ZERO_AT = 0.7  # the paper's advice: alpha ~ 0 at about 70% of training
+RESULTS = "study_results.json"
+PLOT = "study.png"
 
 MODEL = {
     "image_size": 8,
@@ -68,11 +68,26 @@ MODEL = {
     "hidden_dropout_prob": 0.0,
     "attention_probs_dropout_prob": 0.0,
 }
+LOCATIONS = {"FF": "FF", "FF+QKV": "FF,QKV"}
+RECIPES = (
+    "dense",
+    "STE",
+    "SR-STE",
+    "MDGF-linear",
+    "MDGF-exp",
+    "SDGF-stepwise",
+    "SDGF-geometric",
+)
+# Settings that change what a run computes: a saved run is reused only if they match.
+RUN_KEYS = ("epochs", "batch_size", "lr", "clip", "warmup", "finetune")
 
 
-def recipe_config(name: str, n_keep: int, m: int, total_steps: int) -> NMSparsityConfig:
-    """The `NMSparsityConfig` of recipe ``name`` at ``n_keep:m`` on FF for a run of
-    ``total_steps`` optimizer steps (MDGF's beta depends on it)."""
+def recipe_config(
+    name: str, pattern: tuple[int, int], location: str, total_steps: int, finetune: float = 0.0
+) -> NMSparsityConfig:
+    """The `NMSparsityConfig` of recipe ``name`` at ``pattern`` (n_keep, m) on ``location``
+    (``FF`` or ``FF+QKV``, Q/K/V at the same pattern) for a run of ``total_steps`` optimizer steps
+    (MDGF's beta depends on it), the last ``finetune`` fraction with the binary target mask."""
     sparse_steps = ALPHA_ZERO_AT * total_steps
     fields: dict[str, dict] = {
         "dense": {"sparsity_type": "dense"},
@@ -89,7 +104,20 @@ def recipe_config(name: str, n_keep: int, m: int, total_steps: int) -> NMSparsit
     }
     if name not in fields:
         raise SystemExit(f"--recipes: unknown recipe {name!r}; choose from {', '.join(fields)}.")
-    return NMSparsityConfig(n_keep=n_keep, m=m, locations="FF", **fields[name])
+    if location not in LOCATIONS:
+        raise SystemExit(
+            f"--locations: unknown location {location!r}; choose from {', '.join(LOCATIONS)}."
+        )
+    n_keep, m = pattern
+    return NMSparsityConfig(
+        n_keep=n_keep,
+        m=m,
+        n_keep_qkv=n_keep,
+        m_qkv=m,
+        locations=LOCATIONS[location],
+        finetune_fraction=0.0 if name == "dense" else finetune,
+        **fields[name],
+    )
 
 
 def load_digits_split(seed: int):
@@ -101,11 +129,11 @@ def load_digits_split(seed: int):
     return module.digits_tensors(seed)
 
 
-def train_one(
-    recipe: str, pattern: tuple[int, int], seed: int, data, args: argparse.Namespace
-) -> dict:
-    """Train one run and return {"accuracy", "train_loss", "seconds", "steps", "decay_coef"}:
-    held-out accuracy of the finalized (exported) model, mean loss of the last epoch."""
+def train_one(cell: tuple[str, str, str], seed: int, data, args: argparse.Namespace) -> dict:
+    """Train one run of ``cell`` = (location, pattern, recipe) and return {"accuracy",
+    "train_loss", "seconds", "steps", "decay_coef"}: held-out accuracy of the finalized
+    (exported) model and mean loss of the last epoch."""
+    location, pattern, recipe = cell
     train, test = data
     torch.manual_seed(seed)
     model = ViTForImageClassification(ViTConfig(**MODEL))
@@ -116,7 +144,10 @@ def train_one(
         generator=torch.Generator().manual_seed(seed),
     )
     total_steps = args.epochs * len(loader)
-    config = recipe_config(recipe, *pattern, total_steps)
+    if recipe == "dense":  # no mask: the pattern and location are unused
+        config = recipe_config(recipe, (1, 4), "FF", total_steps)
+    else:
+        config = recipe_config(recipe, parse_pattern(pattern), location, total_steps, args.finetune)
     sparsifier = NMSparsifier(model, config, total_steps=total_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = get_cosine_schedule_with_warmup(
@@ -153,204 +184,234 @@ def train_one(
     }
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def parse_pattern(text: str) -> tuple[int, int]:
+    """``"1:32"`` -> (1, 32); a malformed pattern exits with the fix."""
+    try:
+        n_keep, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"--patterns: {text!r} is not N:M (e.g. 1:32).") from None
+    if not 0 < n_keep < m:
+        raise SystemExit(f"--patterns: {text!r} needs 0 < N < M.")
+    return n_keep, m
 
 
-def summarize(runs: list[dict], recipes: list[str], patterns: list[str]) -> dict:
-    """{recipe: {pattern: {"mean", "std", "n", "vs_srste"}}}; dense is repeated in every pattern.
+def t_interval(values: list[float]) -> dict:
+    """Mean, sample std, n and the half-width of the 95% Student-t interval of the mean (0 for a
+    single value)."""
+    from scipy.stats import t as student_t
 
-    ``vs_srste`` is the per-seed paired difference to SR-STE at the same pattern (same init and
-    batch order), as mean, std and how many seeds came out ahead."""
-    acc = {(r["recipe"], r["pattern"], r["seed"]): r["accuracy"] for r in runs}
+    n = len(values)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if n > 1 else 0.0
+    half = float(student_t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n, "ci95": half}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """{location: {pattern: {recipe: cell}}}; dense (one run per seed) is listed in every column.
+
+    A cell holds the t interval of its accuracy (`t_interval`) and ``vs_srste``: the per-seed
+    paired difference to SR-STE at the same location and pattern (t interval, plus seeds ahead,
+    tied and total)."""
+    acc = {(r["location"], r["pattern"], r["recipe"], r["seed"]): r["accuracy"] for r in runs}
+    columns = sorted({(loc, p) for loc, p, rec, _ in acc if rec != "dense"}, key=column_order)
     out: dict[str, dict] = {}
-    for recipe in recipes:
-        out[recipe] = {}
-        for pattern in patterns:
-            key = "dense" if recipe == "dense" else pattern
-            seeds = sorted(s for (rc, p, s) in acc if rc == recipe and p == key)
-            if not seeds:
-                continue
-            mean, std = mean_std([acc[recipe, key, s] for s in seeds])
-            cell = {"mean": mean, "std": std, "n": len(seeds)}
-            paired = [
-                acc[recipe, key, s] - acc["SR-STE", pattern, s]
-                for s in seeds
-                if ("SR-STE", pattern, s) in acc and recipe != "SR-STE"
-            ]
-            if paired:
-                d_mean, d_std = mean_std(paired)
-                cell["vs_srste"] = {
-                    "mean": d_mean,
-                    "std": d_std,
-                    "ahead": sum(d > 0 for d in paired),
-                    "tied": sum(d == 0 for d in paired),
-                    "n": len(paired),
-                }
-            out[recipe][pattern] = cell
+    for loc, pattern in columns:
+        recipes = [r for r in RECIPES if any(k[2] == r for k in acc)]
+        for recipe in recipes:
+            key = ("dense", "dense", "dense") if recipe == "dense" else (loc, pattern, recipe)
+            seeds = sorted(k[3] for k in acc if k[:3] == key)
+            if seeds:
+                out.setdefault(loc, {}).setdefault(pattern, {})[recipe] = cell_stats(
+                    acc, key, (loc, pattern), seeds
+                )
     return out
 
 
-def table(summary: dict, patterns: list[str]) -> str:
-    """Markdown table: held-out accuracy (%) mean ± std per recipe and pattern."""
-    lines = [
-        "| recipe | " + " | ".join(f"{p} FF" for p in patterns) + " |",
-        "|---|" + "---|" * len(patterns),
+def cell_stats(acc: dict, key: tuple, column: tuple[str, str], seeds: list[int]) -> dict:
+    """One cell of `summarize`: accuracy t interval and the paired difference to SR-STE."""
+    cell = t_interval([acc[(*key, s)] for s in seeds])
+    reference = ("SR-STE", column[0], column[1])
+    paired = [
+        acc[(*key, s)] - acc[(column[0], column[1], "SR-STE", s)]
+        for s in seeds
+        if (column[0], column[1], "SR-STE", s) in acc and key[2] != reference[0]
     ]
-    for recipe, cells in summary.items():
-        row = []
-        for p in patterns:
-            c = cells.get(p)
-            row.append("n/a" if c is None else f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}")
-        lines.append(f"| {recipe} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    if paired:
+        cell["vs_srste"] = {
+            **t_interval(paired),
+            "ahead": sum(d > 0 for d in paired),
+            "tied": sum(d == 0 for d in paired),
+        }
+    return cell
 
 
-def paired_table(summary: dict, patterns: list[str]) -> str:
-    """Markdown table: paired difference to SR-STE (points), mean ± std, seeds ahead/total."""
-    lines = [
-        "| recipe − SR-STE | " + " | ".join(f"{p} FF" for p in patterns) + " |",
-        "|---|" + "---|" * len(patterns),
-    ]
-    for recipe, cells in summary.items():
-        if recipe == "SR-STE" or not any("vs_srste" in c for c in cells.values()):
-            continue
-        row = []
-        for p in patterns:
-            d = cells.get(p, {}).get("vs_srste")
-            row.append(
-                "n/a"
-                if d is None
-                else f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} ({d['ahead']}/{d['n']})"
-            )
-        lines.append(f"| {recipe} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+def column_order(column: tuple[str, str]) -> tuple:
+    """Sort key of a (location, pattern) column: location as in ``LOCATIONS``, then density."""
+    n_keep, m = parse_pattern(column[1])
+    return (list(LOCATIONS).index(column[0]), -n_keep / m)
 
 
-def plot(summary: dict, runs: list[dict], patterns: list[str], path: Path, title: str) -> None:
-    """Accuracy vs pattern, one line per recipe (mean ± std error bars, seeds as dots); dense as a
-    horizontal band."""
+def tables(summary: dict) -> str:
+    """Two markdown tables: accuracy (%) mean ± 95% CI, and the paired difference to SR-STE
+    (points) mean ± 95% CI with seeds ahead / seeds; one column per location and pattern."""
+    columns = [(loc, p) for loc, pats in summary.items() for p in pats]
+    recipes = [r for r in RECIPES if any(r in summary[c[0]][c[1]] for c in columns)]
+    head = " | ".join(f"{p} {loc}" for loc, p in columns)
+    acc = [f"| recipe | {head} |", "|---|" + "---|" * len(columns)]
+    diff = [f"| recipe − SR-STE | {head} |", "|---|" + "---|" * len(columns)]
+    for recipe in recipes:
+        cells = [summary[loc][p].get(recipe) for loc, p in columns]
+        acc.append(f"| {recipe} | " + " | ".join(fmt_acc(c) for c in cells) + " |")
+        if recipe != "SR-STE":
+            diff.append(f"| {recipe} | " + " | ".join(fmt_diff(c) for c in cells) + " |")
+    return "\n".join(acc) + "\n\n" + "\n".join(diff)
+
+
+def fmt_acc(cell: dict | None) -> str:
+    """``mean ± ci95 (n)`` in percent, or n/a."""
+    if cell is None:
+        return "n/a"
+    return f"{100 * cell['mean']:.2f} ± {100 * cell['ci95']:.2f} ({cell['n']})"
+
+
+def fmt_diff(cell: dict | None) -> str:
+    """``+mean ± ci95 (ahead/n)`` in points, or n/a."""
+    d = None if cell is None else cell.get("vs_srste")
+    if d is None:
+        return "n/a"
+    return f"{100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f} ({d['ahead']}/{d['n']})"
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    """Accuracy vs kept fraction, one panel per location, one line per recipe (mean with 95% t
+    interval); dense as a dashed line with its interval as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9.5, 5), constrained_layout=True)
-    sparse = [r for r in summary if r != "dense"]
-    colors = plt.get_cmap("tab10").colors
-    xs = range(len(patterns))
-    if "dense" in summary and summary["dense"]:
-        cell = next(iter(summary["dense"].values()))
-        mean, std = 100 * cell["mean"], 100 * cell["std"]
-        ax.axhline(mean, color="black", linestyle="--", linewidth=1.2, label="dense")
-        ax.axhspan(mean - std, mean + std, color="0.85", zorder=0)
-    width = 0.6 / max(len(sparse), 1)
-    for i, recipe in enumerate(sparse):
-        offset = (i - (len(sparse) - 1) / 2) * width
-        cells = [summary[recipe].get(p) for p in patterns]
-        x = [k + offset for k, c in zip(xs, cells, strict=True) if c]
-        mean = [100 * c["mean"] for c in cells if c]
-        std = [100 * c["std"] for c in cells if c]
-        color = colors[i % len(colors)]
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=color, label=recipe)
-        for k, p in enumerate(patterns):
-            seeds = [
-                100 * r["accuracy"] for r in runs if r["recipe"] == recipe and r["pattern"] == p
-            ]
-            ax.scatter([k + offset] * len(seeds), seeds, s=9, color=color, alpha=0.35, zorder=1)
-    ax.set_xticks(
-        list(xs),
-        [f"{p}\n({100 * int(p.split(':')[0]) / int(p.split(':')[1]):.3g}% kept)" for p in patterns],
+    locations = list(summary)
+    fig, axes = plt.subplots(
+        1, len(locations), figsize=(6 * len(locations) + 2, 5), squeeze=False, sharey=True
     )
-    ax.set_xlabel("N:M on the feed-forward layers (row)")
-    ax.set_ylabel("held-out accuracy (%), 300 digits")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for ax, loc in zip(axes[0], locations, strict=True):
+        plot_panel(ax, summary[loc], loc)
+    axes[0][0].set_ylabel("held-out accuracy (%), 300 digits")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the study, print the tables, write ``study_results.json`` and ``study.png`` to --out."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 (default 3)")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
-    parser.add_argument("--patterns", default="2:4,1:8,1:16", help="N:M kept on FF, comma list")
-    parser.add_argument(
-        "--recipes",
-        default="dense,SR-STE,MDGF-linear,MDGF-exp,SDGF-stepwise,SDGF-geometric",
-        help="comma list of dense, STE, SR-STE, MDGF-linear, MDGF-exp, SDGF-stepwise, "
-        "SDGF-geometric",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr (default 3e-3)")
-    parser.add_argument("--clip", type=float, default=1.0, help="grad-norm clip (0: off)")
-    parser.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of steps")
-    parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the JSON and PNG")
-    parser.add_argument("--no-plot", action="store_true", help="skip study.png")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def plot_panel(ax, columns: dict, location: str) -> None:
+    """One location of `plot`."""
+    import matplotlib.pyplot as plt
 
+    patterns = sorted(columns, key=lambda p: -parse_pattern(p)[0] / parse_pattern(p)[1])
+    xs = list(range(len(patterns)))
+    recipes = [r for r in RECIPES if r != "dense" and any(r in columns[p] for p in patterns)]
+    colors = plt.get_cmap("tab10").colors
+    dense = next((columns[p]["dense"] for p in patterns if "dense" in columns[p]), None)
+    if dense:
+        mean, half = 100 * dense["mean"], 100 * dense["ci95"]
+        ax.axhline(mean, color="black", linestyle="--", linewidth=1.2, label="dense")
+        ax.axhspan(mean - half, mean + half, color="0.85", zorder=0)
+    width = 0.6 / max(len(recipes), 1)
+    for i, recipe in enumerate(recipes):
+        offset = (i - (len(recipes) - 1) / 2) * width
+        pts = [(k + offset, columns[p][recipe]) for k, p in enumerate(patterns) if recipe in columns[p]]
+        ax.errorbar(
+            [x for x, _ in pts],
+            [100 * c["mean"] for _, c in pts],
+            yerr=[100 * c["ci95"] for _, c in pts],
+            marker="o",
+            capsize=3,
+            color=colors[(i + 1) % len(colors)],
+            label=recipe,
+        )
+    labels = [f"{p}\n({100 * parse_pattern(p)[0] / parse_pattern(p)[1]:.3g}% kept)" for p in patterns]
+    ax.set_xticks(xs, labels)
+    ax.set_xlabel(f"N:M on {location} (row)")
+    ax.set_title(location, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def load_runs(path: Path, args: argparse.Namespace) -> list[dict]:
+    """The runs already in ``path`` (none if it does not exist); refuses a file written with
+    other run settings or another model, which its runs would silently mix with."""
+    if not path.exists() or args.fresh:
+        return []
+    saved = json.loads(path.read_text())
+    config = saved.get("config", {})
+    mine = {k: getattr(args, k) for k in RUN_KEYS}
+    theirs = {k: config.get("args", {}).get(k) for k in RUN_KEYS}
+    if theirs != mine or config.get("model") != MODEL:
+        raise SystemExit(
+            f"{path} holds runs of other settings ({theirs}, model {config.get('model')}); "
+            f"this run has {mine}, model {MODEL}. Pass the same settings to resume, another "
+            "--out, or --fresh to start over."
+        )
+    return saved.get("runs", [])
+
+
+def plan(args: argparse.Namespace) -> list[tuple[tuple[str, str, str], int]]:
+    """The (cell, seed) runs of this invocation, in order: dense first, then column by column
+    (patterns in the order given, each at the locations in the order given), per column seed by
+    seed, every recipe: list the column that matters most first."""
+    if args.cell:
+        cell = parse_cell(args.cell)
+        return [(cell, seed) for seed in range(args.seeds)]
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    locations = [loc.strip() for loc in args.locations.split(",") if loc.strip()]
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
-    parsed = {p: tuple(int(v) for v in p.split(":")) for p in patterns}
     for name in recipes:  # fail on a typo before any training
-        recipe_config(name, 1, 4, 100)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        recipe_config(name, (1, 4), locations[0] if locations else "FF", 100)
+    for loc in locations:
+        recipe_config("SR-STE", (1, 4), loc, 100)
+    order = []
+    if "dense" in recipes:
+        order += [(("dense", "dense", "dense"), s) for s in range(args.seeds)]
+    for pattern in patterns:
+        for loc in locations:
+            for seed in range(args.seeds):
+                order += [((loc, pattern, r), seed) for r in recipes if r != "dense"]
+    return order
 
-    runs: list[dict] = []
-    start = time.perf_counter()
-    for seed in range(args.seeds):
-        data = load_digits_split(seed)
-        for pattern in patterns:
-            for recipe in recipes:
-                if recipe == "dense" and pattern != patterns[0]:
-                    continue  # dense ignores the pattern: one run per seed
-                result = train_one(recipe, parsed[pattern], seed, data, args)
-                run = {
-                    "recipe": recipe,
-                    "pattern": "dense" if recipe == "dense" else pattern,
-                    "seed": seed,
-                    **result,
-                }
-                runs.append(run)
-                print(
-                    f"seed {seed}  {run['pattern']:>5}  {recipe:<15} acc {run['accuracy']:.3f}  "
-                    f"loss {run['train_loss']:.3f}  {run['seconds']:.1f}s",
-                    flush=True,
-                )
-    wall = time.perf_counter() - start
 
-    summary = summarize(runs, recipes, patterns)
-    steps = runs[0]["steps"]
-    print(f"\nheld-out accuracy (%), mean ± std over {args.seeds} seed(s), {steps} steps per run")
-    print(table(summary, patterns))
-    if "SR-STE" in recipes and len(recipes) > 1:
-        print("\npaired difference to SR-STE (points), mean ± std (seeds ahead / seeds)")
-        print(paired_table(summary, patterns))
-    print(f"\nwall time {wall:.0f} s for {len(runs)} runs")
+def parse_cell(text: str) -> tuple[str, str, str]:
+    """``LOCATION/PATTERN/RECIPE`` (``FF+QKV/1:32/MDGF-exp``) or ``dense`` -> a cell key."""
+    if text == "dense":
+        return ("dense", "dense", "dense")
+    parts = text.split("/")
+    if len(parts) != 3:
+        raise SystemExit(f"--cell: {text!r} is not LOCATION/PATTERN/RECIPE (FF+QKV/1:32/SR-STE).")
+    location, pattern, recipe = parts
+    recipe_config(recipe, parse_pattern(pattern), location, 100)
+    return (location, pattern, recipe)
 
+
+def write(out: Path, runs: list[dict], args: argparse.Namespace, wall: float) -> dict:
+    """Rewrite ``study_results.json`` (config, summary, runs) atomically; return its content."""
     results = {
         "config": {
-            "command": "bench/study.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "args": vars(args),
+            "command": "bench/study.py " + " ".join(args.argv),
+            "args": {k: v for k, v in vars(args).items() if k != "argv"},
             "model": MODEL,
             "sparsity": {
-                "locations": "FF",
+                "locations": {k: v for k, v in LOCATIONS.items()},
+                "qkv_pattern": "same as FF",
                 "sparse_dim": "row",
                 "dense_fraction": 0.0,
-                "finetune_fraction": 0.0,
+                "finetune_fraction": args.finetune,
                 "alpha_zero_at": ALPHA_ZERO_AT,
                 "srste_lambda": NMSparsityConfig().srste_lambda,
                 "structure_decay_start_k": NMSparsityConfig().structure_decay_start_k,
             },
             "optimizer": "AdamW(weight_decay=0.01), cosine with linear warm-up",
-            "steps_per_run": steps,
+            "steps_per_run": runs[0]["steps"] if runs else None,
             "data": "sklearn digits, 1497 train / 300 held out (split by seed)",
             "machine": {
                 "platform": platform.platform(),
@@ -359,24 +420,78 @@ def main(argv: list[str] | None = None) -> dict:
                 "transformers": transformers.__version__,
                 "threads": args.threads,
             },
-            "wall_seconds": wall,
+            "wall_seconds_this_invocation": wall,
+            "run_seconds_total": sum(r["seconds"] for r in runs),
         },
-        "summary": summary,
+        "summary": summarize(runs),
         "runs": runs,
     }
-    (out / "study_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    if not args.no_plot:
-        plot(
-            summary,
-            runs,
-            patterns,
-            out / "study.png",
-            f"Tiny ViT on digits, N:M on FF, {steps} steps, mean ± std over {args.seeds} "
-            f"seed(s) (dots: seeds)",
+    tmp = out / (RESULTS + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out / RESULTS)
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line of `main`."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=8, help="seeds 0..K-1 (default 8)")
+    parser.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
+    parser.add_argument("--patterns", default="1:8,1:32", help="N:M, comma list")
+    parser.add_argument("--locations", default="FF+QKV,FF", help="comma list of FF, FF+QKV")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES))
+    parser.add_argument("--cell", help="rerun one cell LOCATION/PATTERN/RECIPE (or dense) for every seed")
+    parser.add_argument("--fresh", action="store_true", help="ignore the runs already in --out")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr (default 3e-3)")
+    parser.add_argument("--clip", type=float, default=1.0, help="grad-norm clip (0: off)")
+    parser.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of steps")
+    parser.add_argument("--finetune", type=float, default=0.1, help="binary-mask fine-tune fraction")
+    parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the JSON and PNG")
+    parser.add_argument("--no-plot", action="store_true", help="skip study.png")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run (or resume) the study, print the tables, write the JSON and the plot to --out."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = plan(args)
+    runs = load_runs(out / RESULTS, args)
+    if args.cell:  # a rerun replaces the cell's saved runs
+        runs = [r for r in runs if (r["location"], r["pattern"], r["recipe"]) != todo[0][0]]
+    done = {(r["location"], r["pattern"], r["recipe"], r["seed"]) for r in runs}
+    start, data = time.perf_counter(), {}
+    for cell, seed in todo:
+        if (*cell, seed) in done:
+            continue
+        data.setdefault(seed, load_digits_split(seed))
+        result = train_one(cell, seed, data[seed], args)
+        runs.append({"location": cell[0], "pattern": cell[1], "recipe": cell[2], "seed": seed, **result})
+        done.add((*cell, seed))
+        print(
+            f"seed {seed}  {cell[0]:>6} {cell[1]:>5}  {cell[2]:<15} acc {result['accuracy']:.3f}  "
+            f"loss {result['train_loss']:.3f}  {result['seconds']:.1f}s",
+            flush=True,
         )
-    print(
-        f"wrote {out / 'study_results.json'}" + ("" if args.no_plot else f", {out / 'study.png'}")
-    )
+        results = write(out, runs, args, time.perf_counter() - start)
+    results = write(out, runs, args, time.perf_counter() - start)
+    steps = results["config"]["steps_per_run"]
+    print(f"\nheld-out accuracy (%), mean ± 95% t interval (seeds); {steps} steps per run")
+    print("then: paired difference to SR-STE (points), mean ± 95% t interval (seeds ahead / seeds)\n")
+    print(tables(results["summary"]))
+    if not args.no_plot and results["summary"]:
+        plot(
+            results["summary"],
+            out / PLOT,
+            f"Tiny ViT on digits, {steps} steps; mean and 95% t interval over seeds",
+        )
+    print(f"\nwrote {out / RESULTS}" + ("" if args.no_plot else f", {out / PLOT}"))
     return results
 
 

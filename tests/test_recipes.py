@@ -214,7 +214,7 @@ def test_seed_style_yaml_runs_through_timm_wrapper(tmp_path):
     data = yaml.safe_load((CONFIGS / "vit_b16_seed_style.yaml").read_text())
     for key in ("dataset", "data_dir", "amp", "amp_dtype", "workers"):
         data.pop(key)  # the embedded digits, fp32 on CPU
-    data.update(model="vit_tiny_patch16_224", m_sparsity=8, batch_size=16, epochs=1)
+    data.update(model="vit_tiny_patch16_224", m_sparsity=8, batch_size=16, epochs=1, workers=0)
     path = tmp_path / "seed.yaml"
     path.write_text(yaml.safe_dump(data))
     summary = _tiny_run(

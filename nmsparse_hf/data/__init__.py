@@ -16,7 +16,7 @@ imported inside the functions that need them.
 """
 
 from .arguments import DataArguments, DataArgumentsError, require_max_steps
-from .collators import MixupCollator, TimmMixCollator, collate_fn
+from .collators import TimmMixCollator, collate_fn
 from .images import BadImageError, decode_image, find_bad_images
 from .metrics import make_compute_metrics
 from .pipeline import (
@@ -37,7 +37,6 @@ __all__ = [
     "BadImageError",
     "DataArguments",
     "DataArgumentsError",
-    "MixupCollator",
     "TimmMixCollator",
     "TrainingData",
     "augmentation_key",

@@ -98,8 +98,9 @@ class DataArguments:
             checked before training and every bad one is reported by path; an image that still
             fails to decode later stops the run naming its path. ``skip``: bad images are left
             out (each replaced by the next readable example) and counted in a warning at the end.
-        dataset_seed: seed of every random choice made here (splits, subsets, shuffles, mixup);
-            not ``seed``, which `transformers.TrainingArguments` already has (one parser reads both).
+        dataset_seed: seed of every random choice made here (splits, subsets, shuffles); the
+            augmentation and mixing draws are keyed by it together with the run's ``seed`` (which
+            `transformers.TrainingArguments` has; one parser reads both).
     """
 
     dataset_name: str | None = field(

@@ -1,6 +1,5 @@
-"""Collators: stack examples into batches (`collate_fn`) and mix them: `TimmMixCollator` (timm's
-mixup/cutmix, resume-exact; used by the recipes) and `MixupCollator` (plain mixup from one
-seeded stream)."""
+"""Collators: stack examples into batches (`collate_fn`) and mix them with `TimmMixCollator`
+(timm's mixup/cutmix, with draws keyed by the batch's examples so that resume stays exact)."""
 
 from __future__ import annotations
 
@@ -21,64 +20,6 @@ def collate_fn(examples: Iterable[Mapping[str, Any]]) -> dict[str, torch.Tensor]
         "pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]),
         "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
     }
-
-
-class MixupCollator:
-    """Collate and mix a batch: ``x = lam * x + (1 - lam) * x.flip(0)``, labels likewise.
-
-    Its draws come from one stream, so a run resumed mid-epoch draws differently; the recipes
-    use `TimmMixCollator`, whose draws are keyed by the batch.
-
-    ``labels`` come back as soft targets, float ``[B, num_classes]`` rows summing to 1, with
-    ``lam ~ Beta(alpha, alpha)`` drawn per batch from a numpy generator seeded with ``seed`` (the
-    batch is mixed with its own reverse, as timm does; the sampler has already shuffled it). With
-    probability ``1 - prob`` a batch is not mixed but its labels are still one-hot floats, so the
-    label dtype never changes between batches.
-
-    Contract with the model: Hugging Face image classifiers pick their loss from
-    ``config.problem_type``, set once on the first batch. Float labels of shape ``[B, C]`` select
-    ``"multi_label_classification"``, i.e. ``BCEWithLogitsLoss`` (the paper's "BCE loss"). Set
-    ``model.config.problem_type = "multi_label_classification"`` before training, and evaluate
-    with `eval_collator` (one-hot, never mixed): the Trainer uses a single ``data_collator`` for
-    training and evaluation, so an evaluation through this collator would score mixed images,
-    and int labels after float ones would break the BCE loss.
-    """
-
-    def __init__(self, alpha: float, num_classes: int, prob: float = 1.0, seed: int = 0):
-        if alpha <= 0:
-            raise DataArgumentsError(
-                f"MixupCollator alpha={alpha!r} must be > 0; use collate_fn when mixup is off."
-            )
-        if num_classes < 2:
-            raise DataArgumentsError(f"MixupCollator num_classes={num_classes!r} must be >= 2.")
-        if not 0.0 <= prob <= 1.0:
-            raise DataArgumentsError(f"MixupCollator prob={prob!r} is a probability in [0, 1].")
-        self.alpha = alpha
-        self.num_classes = num_classes
-        self.prob = prob
-        self.rng = np.random.default_rng(seed)
-
-    def one_hot(self, labels: torch.Tensor) -> torch.Tensor:
-        """Float one-hot rows ``[B, num_classes]`` for int ``labels``."""
-        return torch.nn.functional.one_hot(labels, self.num_classes).float()
-
-    def __call__(self, examples: Iterable[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = collate_fn(examples)
-        x, y = batch["pixel_values"], self.one_hot(batch["labels"])
-        if self.rng.random() < self.prob:
-            lam = float(self.rng.beta(self.alpha, self.alpha))
-            x = lam * x + (1.0 - lam) * x.flip(0)
-            y = lam * y + (1.0 - lam) * y.flip(0)
-        return {"pixel_values": x, "labels": y}
-
-    def eval_collator(self) -> Callable[[Iterable[Mapping[str, Any]]], dict[str, torch.Tensor]]:
-        """A collator with one-hot float labels and no mixing, for evaluation."""
-
-        def collate(examples: Iterable[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-            batch = collate_fn(examples)
-            return {"pixel_values": batch["pixel_values"], "labels": self.one_hot(batch["labels"])}
-
-        return collate
 
 
 class TimmMixCollator:

@@ -165,6 +165,7 @@ def parse_args(argv: list[str] | None, family: str) -> RecipeArgs:
     values = {} if config is None else read_config(config, parser, notes)
     if not has_accelerator() and "use_cpu" not in flags:
         values.setdefault("use_cpu", True)
+    values.setdefault("model_config", f"{family}-digits")  # a config naming no model: the family's
     parser.description = DESCRIPTION.format(
         default=default.name,
         shipped=_wrap(", ".join(shipped_configs())),
