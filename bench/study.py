@@ -28,7 +28,7 @@ that is stopped keeps its finished runs, and running the same command again skip
     .venv/bin/python bench/study.py                              # the full grid, into docs/
     .venv/bin/python bench/study.py --cell FF+QKV/1:32/MDGF-exp  # rerun one cell, every seed
     .venv/bin/python bench/study.py --seeds 1 --epochs 1 --recipes dense,SR-STE \\
-        --patterns 1:8 --locations FF --out /tmp/study          # smoke run
+        --columns FF/1:8 --out /tmp/study                      # smoke run
 """
 
 from __future__ import annotations
@@ -189,9 +189,9 @@ def parse_pattern(text: str) -> tuple[int, int]:
     try:
         n_keep, m = (int(v) for v in text.split(":"))
     except ValueError:
-        raise SystemExit(f"--patterns: {text!r} is not N:M (e.g. 1:32).") from None
+        raise SystemExit(f"pattern {text!r} is not N:M (e.g. 1:32).") from None
     if not 0 < n_keep < m:
-        raise SystemExit(f"--patterns: {text!r} needs 0 < N < M.")
+        raise SystemExit(f"pattern {text!r} needs 0 < N < M.")
     return n_keep, m
 
 
@@ -322,7 +322,9 @@ def plot_panel(ax, columns: dict, location: str) -> None:
     width = 0.6 / max(len(recipes), 1)
     for i, recipe in enumerate(recipes):
         offset = (i - (len(recipes) - 1) / 2) * width
-        pts = [(k + offset, columns[p][recipe]) for k, p in enumerate(patterns) if recipe in columns[p]]
+        pts = [
+            (k + offset, columns[p][recipe]) for k, p in enumerate(patterns) if recipe in columns[p]
+        ]
         ax.errorbar(
             [x for x, _ in pts],
             [100 * c["mean"] for _, c in pts],
@@ -332,7 +334,9 @@ def plot_panel(ax, columns: dict, location: str) -> None:
             color=colors[(i + 1) % len(colors)],
             label=recipe,
         )
-    labels = [f"{p}\n({100 * parse_pattern(p)[0] / parse_pattern(p)[1]:.3g}% kept)" for p in patterns]
+    labels = [
+        f"{p}\n({100 * parse_pattern(p)[0] / parse_pattern(p)[1]:.3g}% kept)" for p in patterns
+    ]
     ax.set_xticks(xs, labels)
     ax.set_xlabel(f"N:M on {location} (row)")
     ax.set_title(location, fontsize=10)
@@ -358,27 +362,30 @@ def load_runs(path: Path, args: argparse.Namespace) -> list[dict]:
 
 
 def plan(args: argparse.Namespace) -> list[tuple[tuple[str, str, str], int]]:
-    """The (cell, seed) runs of this invocation, in order: dense first, then column by column
-    (patterns in the order given, each at the locations in the order given), per column seed by
-    seed, every recipe: list the column that matters most first."""
+    """The (cell, seed) runs of this invocation, in order: dense first, then column by column in
+    the order of --columns (list the column that matters most first), per column seed by seed,
+    every recipe."""
     if args.cell:
         cell = parse_cell(args.cell)
         return [(cell, seed) for seed in range(args.seeds)]
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    locations = [loc.strip() for loc in args.locations.split(",") if loc.strip()]
-    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
+    columns = [parse_column(c.strip()) for c in args.columns.split(",") if c.strip()]
     for name in recipes:  # fail on a typo before any training
-        recipe_config(name, (1, 4), locations[0] if locations else "FF", 100)
-    for loc in locations:
-        recipe_config("SR-STE", (1, 4), loc, 100)
+        recipe_config(name, (1, 4), "FF", 100)
     order = []
     if "dense" in recipes:
         order += [(("dense", "dense", "dense"), s) for s in range(args.seeds)]
-    for pattern in patterns:
-        for loc in locations:
-            for seed in range(args.seeds):
-                order += [((loc, pattern, r), seed) for r in recipes if r != "dense"]
+    for loc, pattern in columns:
+        for seed in range(args.seeds):
+            order += [((loc, pattern, r), seed) for r in recipes if r != "dense"]
     return order
+
+
+def parse_column(text: str) -> tuple[str, str]:
+    """``LOCATION/PATTERN`` (``FF+QKV/1:32``) -> (location, pattern), checked."""
+    location, _, pattern = text.partition("/")
+    recipe_config("SR-STE", parse_pattern(pattern), location, 100)
+    return location, pattern
 
 
 def parse_cell(text: str) -> tuple[str, str, str]:
@@ -436,18 +443,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line of `main`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8, help="seeds 0..K-1 (default 8)")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
-    parser.add_argument("--patterns", default="1:8,1:32", help="N:M, comma list")
-    parser.add_argument("--locations", default="FF+QKV,FF", help="comma list of FF, FF+QKV")
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES))
-    parser.add_argument("--cell", help="rerun one cell LOCATION/PATTERN/RECIPE (or dense) for every seed")
+    parser.add_argument("--epochs", type=int, default=16, help="epochs per run (default 16)")
+    parser.add_argument(
+        "--columns",
+        default="FF+QKV/1:32,FF/1:32,FF+QKV/1:8,FF+QKV/1:64",
+        help="comma list of LOCATION/PATTERN (LOCATION: FF or FF+QKV), run in this order",
+    )
+    parser.add_argument(
+        "--recipes", default=",".join(RECIPES), help="comma list of " + ", ".join(RECIPES)
+    )
+    parser.add_argument(
+        "--cell", help="rerun one cell LOCATION/PATTERN/RECIPE (or dense) for every seed"
+    )
     parser.add_argument("--fresh", action="store_true", help="ignore the runs already in --out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr (default 3e-3)")
     parser.add_argument("--clip", type=float, default=1.0, help="grad-norm clip (0: off)")
     parser.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of steps")
-    parser.add_argument("--finetune", type=float, default=0.1, help="binary-mask fine-tune fraction")
+    parser.add_argument(
+        "--finetune", type=float, default=0.1, help="binary-mask fine-tune fraction"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the JSON and PNG")
     parser.add_argument("--no-plot", action="store_true", help="skip study.png")
     args = parser.parse_args(argv)
@@ -472,7 +488,9 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         data.setdefault(seed, load_digits_split(seed))
         result = train_one(cell, seed, data[seed], args)
-        runs.append({"location": cell[0], "pattern": cell[1], "recipe": cell[2], "seed": seed, **result})
+        runs.append(
+            {"location": cell[0], "pattern": cell[1], "recipe": cell[2], "seed": seed, **result}
+        )
         done.add((*cell, seed))
         print(
             f"seed {seed}  {cell[0]:>6} {cell[1]:>5}  {cell[2]:<15} acc {result['accuracy']:.3f}  "
@@ -483,7 +501,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = write(out, runs, args, time.perf_counter() - start)
     steps = results["config"]["steps_per_run"]
     print(f"\nheld-out accuracy (%), mean ± 95% t interval (seeds); {steps} steps per run")
-    print("then: paired difference to SR-STE (points), mean ± 95% t interval (seeds ahead / seeds)\n")
+    print(
+        "then: paired difference to SR-STE (points), mean ± 95% t interval (seeds ahead / seeds)\n"
+    )
     print(tables(results["summary"]))
     if not args.no_plot and results["summary"]:
         plot(

@@ -143,3 +143,25 @@ def test_data_throughput_bench_runs(tmp_path):
     assert "randaugment m15-n2" in out and "TimmMixCollator" in out
     result = json.loads((tmp_path / "data_throughput.json").read_text())
     assert result["per_example_per_core"] > 0 and result["loader"]["1"] > 0
+
+
+def test_authors_baseline_is_the_same_n_m_masking():
+    """The benchmark's baseline (argsort per group, float mask) masks the same weights as
+    `nm_mask` on a weight without ties, and passes the straight-through gradient (+ SR-STE)."""
+    import importlib.util
+
+    import torch
+
+    from nmsparse_hf.masks import nm_mask
+
+    spec = importlib.util.spec_from_file_location("step_overhead", ROOT / "bench/step_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    weight = torch.randn(16, 32, requires_grad=True)
+    for n, m in ((2, 4), (1, 8)):
+        masked = module.ArgsortMasked.apply(weight, n, m, 0.0)
+        assert torch.equal(masked, weight.detach() * nm_mask(weight, n, m))
+        lam, grad = 0.5, torch.randn(16, 32)
+        (g,) = torch.autograd.grad(module.ArgsortMasked.apply(weight, n, m, lam), weight, grad)
+        keep = nm_mask(weight, n, m)
+        assert torch.equal(g, grad + lam * weight.detach() * (~keep))
