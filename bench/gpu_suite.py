@@ -175,6 +175,8 @@ def _measure(device, base, name, mode, pixels, labels, warmup, repeats, dtype) -
         )
     peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
     del variant
+    if mode == "compiled":
+        torch._dynamo.reset()  # drop the compiled graphs (and the model copy they hold)
     if cuda:
         torch.cuda.empty_cache()
     row = {

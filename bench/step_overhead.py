@@ -50,6 +50,7 @@ the extra passes of a sparse step go), then each step's top operators.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import random
@@ -84,15 +85,25 @@ AUTHORS: dict[str, float] = {"authors": 0.0, "authors-SR-STE": 2e-4}
 VARIANTS = [*RECIPES, *AUTHORS]
 
 
+# profiler range names (`--profile`)
+LABELS = {
+    "nm_mask": "nmsparse: mask",
+    "_masked": "nmsparse: W~ (forward, backward)",
+    "_straight_through": "nmsparse: gradient to W terms",
+}
+AUTHORS_LABEL = "authors: argsort mask + W*mask"
+
+
 class ArgsortMasked(torch.autograd.Function):
     """The authors' masked weight: argsort of |W| per row group of M in every forward, the M-N
     smallest zeroed in a float mask, straight-through gradient (+ lambda (1 - mask) W)."""
 
     @staticmethod
     def forward(ctx, weight, n: int, m: int, srste_lambda: float):
-        groups = weight.detach().abs().reshape(-1, m)
-        pruned = torch.argsort(groups, dim=1)[:, : m - n]
-        mask = torch.ones_like(groups).scatter_(1, pruned, 0.0).reshape(weight.shape)
+        with torch.profiler.record_function(AUTHORS_LABEL):
+            groups = weight.detach().abs().reshape(-1, m)
+            pruned = torch.argsort(groups, dim=1)[:, : m - n]
+            mask = torch.ones_like(groups).scatter_(1, pruned, 0.0).reshape(weight.shape)
         ctx.srste_lambda = srste_lambda
         if srste_lambda:
             ctx.save_for_backward(weight, mask)
@@ -347,9 +358,39 @@ def run_variants(
     return variants
 
 
+def _labelled(fn, label: str):
+    def run(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@contextlib.contextmanager
+def labelled_passes():
+    """While profiling: the library's sparse passes (the mask, building W~, the terms of the
+    gradient written to W) appear as named ranges."""
+    from nmsparse_hf import autograd as nm_autograd
+    from nmsparse_hf import sparsifier as nm_sparsifier
+
+    targets = [
+        (nm_sparsifier, "nm_mask"),
+        (nm_autograd, "_masked"),
+        (nm_autograd, "_straight_through"),
+    ]
+    originals = [(module, name, getattr(module, name)) for module, name in targets]
+    for module, name, fn in originals:
+        setattr(module, name, _labelled(fn, LABELS[name]))
+    try:
+        yield
+    finally:
+        for module, name, fn in originals:
+            setattr(module, name, fn)
+
+
 def profile_steps(variants: list[Variant], recipe: str, batch: int, image: int, top: int) -> str:
-    """One profiled step of dense and of ``recipe``; the operators whose self CPU time grew the
-    most, then each step's top operators by self CPU time."""
+    """One profiled step of dense and of ``recipe``: the time inside the sparse passes (named
+    ranges), the operators whose self CPU time grew the most, then each step's top operators."""
     from torch.profiler import ProfilerActivity, profile
 
     generator = torch.Generator().manual_seed(1)
@@ -361,10 +402,11 @@ def profile_steps(variants: list[Variant], recipe: str, batch: int, image: int, 
     for name in ("dense", recipe):
         variant = by_name[name]
         step = len(variant.times)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with labelled_passes(), profile(activities=[ProfilerActivity.CPU]) as prof:
             variant.step(step, pixels, labels)
         events = prof.key_averages()
         stats[name] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in events}
+        ranges = {e.key: (e.cpu_time_total / 1e3, e.count) for e in events}
         tables.append(
             f"--- {name}: top {top} operators by self CPU time\n"
             + events.table(sort_by="self_cpu_time_total", row_limit=top)
@@ -375,9 +417,19 @@ def profile_steps(variants: list[Variant], recipe: str, batch: int, image: int, 
         keys, key=lambda k: sparse.get(k, (0, 0))[0] - dense.get(k, (0, 0))[0], reverse=True
     )
     total = sum(t for t, _ in dense.values())
+    sparse_total = sum(t for t, _ in sparse.values())
     lines = [
-        f"--- {recipe} vs dense: operators by added self CPU time (dense step {total:.1f} ms "
-        f"of self time)",
+        f"--- {recipe}: time inside the sparse passes (CPU total of each range; dense step "
+        f"{total:.1f} ms, {recipe} step {sparse_total:.1f} ms of self time)"
+    ]
+    for label in [*LABELS.values(), AUTHORS_LABEL]:
+        if label in ranges:
+            ms, calls = ranges[label]
+            lines.append(
+                f"{label:>44} {ms:9.2f} ms {calls:6d} calls {ms / total * 100:6.2f}% of dense"
+            )
+    lines += [
+        f"--- {recipe} vs dense: operators by added self CPU time",
         f"{'operator':>44} {'dense ms':>9} {'calls':>6} {recipe + ' ms':>12} {'calls':>6} "
         f"{'added ms':>9} {'% of dense':>10}",
     ]

@@ -212,8 +212,11 @@ def summarize(runs: list[dict]) -> dict:
 
     A cell holds the t interval of its accuracy (`t_interval`) and ``vs_srste``: the per-seed
     paired difference to SR-STE at the same location and pattern (t interval, plus seeds ahead,
-    tied and total)."""
+    tied and total), and ``train_loss``, the mean over seeds of the last epoch's training loss."""
     acc = {(r["location"], r["pattern"], r["recipe"], r["seed"]): r["accuracy"] for r in runs}
+    loss = {
+        (r["location"], r["pattern"], r["recipe"], r["seed"]): r.get("train_loss") for r in runs
+    }
     columns = sorted({(loc, p) for loc, p, rec, _ in acc if rec != "dense"}, key=column_order)
     out: dict[str, dict] = {}
     for loc, pattern in columns:
@@ -222,9 +225,11 @@ def summarize(runs: list[dict]) -> dict:
             key = ("dense", "dense", "dense") if recipe == "dense" else (loc, pattern, recipe)
             seeds = sorted(k[3] for k in acc if k[:3] == key)
             if seeds:
-                out.setdefault(loc, {}).setdefault(pattern, {})[recipe] = cell_stats(
-                    acc, key, (loc, pattern), seeds
-                )
+                cell = cell_stats(acc, key, (loc, pattern), seeds)
+                losses = [loss[(*key, s)] for s in seeds]
+                if None not in losses:
+                    cell["train_loss"] = statistics.fmean(losses)
+                out.setdefault(loc, {}).setdefault(pattern, {})[recipe] = cell
     return out
 
 
@@ -253,19 +258,23 @@ def column_order(column: tuple[str, str]) -> tuple:
 
 
 def tables(summary: dict) -> str:
-    """Two markdown tables: accuracy (%) mean ± 95% CI, and the paired difference to SR-STE
-    (points) mean ± 95% CI with seeds ahead / seeds; one column per location and pattern."""
+    """Three markdown tables, one column per location and pattern: accuracy (%) mean ± 95% CI,
+    the paired difference to SR-STE (points) mean ± 95% CI with seeds ahead / seeds, and the
+    mean training loss of the last epoch."""
     columns = [(loc, p) for loc, pats in summary.items() for p in pats]
     recipes = [r for r in RECIPES if any(r in summary[c[0]][c[1]] for c in columns)]
     head = " | ".join(f"{p} {loc}" for loc, p in columns)
     acc = [f"| recipe | {head} |", "|---|" + "---|" * len(columns)]
     diff = [f"| recipe − SR-STE | {head} |", "|---|" + "---|" * len(columns)]
+    loss = [f"| train loss | {head} |", "|---|" + "---|" * len(columns)]
     for recipe in recipes:
         cells = [summary[loc][p].get(recipe) for loc, p in columns]
         acc.append(f"| {recipe} | " + " | ".join(fmt_acc(c) for c in cells) + " |")
         if recipe != "SR-STE":
             diff.append(f"| {recipe} | " + " | ".join(fmt_diff(c) for c in cells) + " |")
-    return "\n".join(acc) + "\n\n" + "\n".join(diff)
+        losses = ["n/a" if c is None else f"{c.get('train_loss', float('nan')):.3f}" for c in cells]
+        loss.append(f"| {recipe} | " + " | ".join(losses) + " |")
+    return "\n\n".join("\n".join(t) for t in (acc, diff, loss))
 
 
 def fmt_acc(cell: dict | None) -> str:
@@ -284,8 +293,9 @@ def fmt_diff(cell: dict | None) -> str:
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
-    """Accuracy vs kept fraction, one panel per location, one line per recipe (mean with 95% t
-    interval); dense as a dashed line with its interval as a band."""
+    """Top row: accuracy vs pattern, one panel per location, one line per recipe (mean with its
+    95% t interval), dense as a dashed line with its interval as a band. Bottom row: the paired
+    difference to SR-STE (points) with its 95% t interval; 0 is SR-STE."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,12 +303,15 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
     locations = list(summary)
     fig, axes = plt.subplots(
-        1, len(locations), figsize=(6 * len(locations) + 2, 5), squeeze=False, sharey=True
+        2, len(locations), figsize=(6 * len(locations) + 2, 9), squeeze=False, sharey="row"
     )
-    for ax, loc in zip(axes[0], locations, strict=True):
-        plot_panel(ax, summary[loc], loc)
+    for k, loc in enumerate(locations):
+        plot_panel(axes[0][k], summary[loc], loc, paired=False)
+        plot_panel(axes[1][k], summary[loc], loc, paired=True)
     axes[0][0].set_ylabel("held-out accuracy (%), 300 digits")
+    axes[1][0].set_ylabel("recipe − SR-STE, same seed (points)")
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[1][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -306,24 +319,29 @@ def plot(summary: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_panel(ax, columns: dict, location: str) -> None:
-    """One location of `plot`."""
+def plot_panel(ax, columns: dict, location: str, paired: bool) -> None:
+    """One panel of `plot`: accuracy, or (``paired``) the difference to SR-STE."""
     import matplotlib.pyplot as plt
 
     patterns = sorted(columns, key=lambda p: -parse_pattern(p)[0] / parse_pattern(p)[1])
-    xs = list(range(len(patterns)))
-    recipes = [r for r in RECIPES if r != "dense" and any(r in columns[p] for p in patterns)]
-    colors = plt.get_cmap("tab10").colors
+    skip = {"SR-STE"} if paired else {"dense"}
+    recipes = [r for r in RECIPES if r not in skip and any(r in columns[p] for p in patterns)]
+    colors = dict(zip(RECIPES, ("black", *plt.get_cmap("tab10").colors), strict=False))
     dense = next((columns[p]["dense"] for p in patterns if "dense" in columns[p]), None)
-    if dense:
+    if dense and not paired:
         mean, half = 100 * dense["mean"], 100 * dense["ci95"]
         ax.axhline(mean, color="black", linestyle="--", linewidth=1.2, label="dense")
         ax.axhspan(mean - half, mean + half, color="0.85", zorder=0)
+    if paired:
+        ax.axhline(0.0, color=colors["SR-STE"], linewidth=1.2, label="SR-STE")
     width = 0.6 / max(len(recipes), 1)
     for i, recipe in enumerate(recipes):
         offset = (i - (len(recipes) - 1) / 2) * width
+        pts = [(k + offset, columns[p].get(recipe)) for k, p in enumerate(patterns)]
         pts = [
-            (k + offset, columns[p][recipe]) for k, p in enumerate(patterns) if recipe in columns[p]
+            (x, c["vs_srste"] if paired else c)
+            for x, c in pts
+            if c and (not paired or "vs_srste" in c)
         ]
         ax.errorbar(
             [x for x, _ in pts],
@@ -331,15 +349,18 @@ def plot_panel(ax, columns: dict, location: str) -> None:
             yerr=[100 * c["ci95"] for _, c in pts],
             marker="o",
             capsize=3,
-            color=colors[(i + 1) % len(colors)],
+            color=colors[recipe],
+            linestyle=":" if recipe == "dense" else "-",
             label=recipe,
         )
-    labels = [
-        f"{p}\n({100 * parse_pattern(p)[0] / parse_pattern(p)[1]:.3g}% kept)" for p in patterns
-    ]
-    ax.set_xticks(xs, labels)
+    kept = [100 * parse_pattern(p)[0] / parse_pattern(p)[1] for p in patterns]
+    ax.set_xticks(
+        range(len(patterns)), [f"{p}\n({k:.3g}% kept)" for p, k in zip(patterns, kept, strict=True)]
+    )
     ax.set_xlabel(f"N:M on {location} (row)")
-    ax.set_title(location, fontsize=10)
+    ax.set_title(
+        f"{location}: " + ("paired difference to SR-STE" if paired else "accuracy"), fontsize=10
+    )
     ax.grid(alpha=0.3, axis="y")
 
 
@@ -446,7 +467,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=16, help="epochs per run (default 16)")
     parser.add_argument(
         "--columns",
-        default="FF+QKV/1:32,FF/1:32,FF+QKV/1:8,FF+QKV/1:64",
+        default="FF+QKV/1:32,FF/1:32,FF+QKV/1:8,FF+QKV/1:64,FF/1:64",
         help="comma list of LOCATION/PATTERN (LOCATION: FF or FF+QKV), run in this order",
     )
     parser.add_argument(
@@ -466,17 +487,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the JSON and PNG")
     parser.add_argument("--no-plot", action="store_true", help="skip study.png")
+    parser.add_argument(
+        "--report", action="store_true", help="train nothing: tables and plot of the saved runs"
+    )
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run (or resume) the study, print the tables, write the JSON and the plot to --out."""
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def run_grid(out: Path, args: argparse.Namespace) -> dict:
+    """Train the runs of `plan` that ``out`` does not hold yet (all of a --cell), rewriting the
+    JSON after each; return its final content."""
     todo = plan(args)
     runs = load_runs(out / RESULTS, args)
     if args.cell:  # a rerun replaces the cell's saved runs
@@ -497,12 +518,26 @@ def main(argv: list[str] | None = None) -> dict:
             f"loss {result['train_loss']:.3f}  {result['seconds']:.1f}s",
             flush=True,
         )
-        results = write(out, runs, args, time.perf_counter() - start)
-    results = write(out, runs, args, time.perf_counter() - start)
+        write(out, runs, args, time.perf_counter() - start)
+    return write(out, runs, args, time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run (or resume) the study, print the tables, write the JSON and the plot to --out."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        saved = json.loads((out / RESULTS).read_text())
+        results = {**saved, "summary": summarize(saved["runs"])}
+    else:
+        results = run_grid(out, args)
     steps = results["config"]["steps_per_run"]
     print(f"\nheld-out accuracy (%), mean ± 95% t interval (seeds); {steps} steps per run")
     print(
-        "then: paired difference to SR-STE (points), mean ± 95% t interval (seeds ahead / seeds)\n"
+        "then: paired difference to SR-STE (points), mean ± 95% t interval (seeds ahead / seeds);\n"
+        "then: mean training loss of the last epoch\n"
     )
     print(tables(results["summary"]))
     if not args.no_plot and results["summary"]:
@@ -511,7 +546,9 @@ def main(argv: list[str] | None = None) -> dict:
             out / PLOT,
             f"Tiny ViT on digits, {steps} steps; mean and 95% t interval over seeds",
         )
-    print(f"\nwrote {out / RESULTS}" + ("" if args.no_plot else f", {out / PLOT}"))
+    written = ([] if args.report else [out / RESULTS]) + ([] if args.no_plot else [out / PLOT])
+    if written:
+        print("\nwrote " + ", ".join(map(str, written)))
     return results
 
 

@@ -30,7 +30,10 @@ import torch.nn.functional as F
 def _masked(weight: torch.Tensor, mask: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
     """W ⊙ (m + α(1 − m)), plain tensor math (no autograd of its own)."""
     if isinstance(alpha, torch.Tensor) or alpha != 0:
-        return torch.where(mask, weight, weight * alpha)
+        scaled = weight * alpha
+        if torch.is_grad_enabled() and scaled.requires_grad:  # double backward: no out=
+            return torch.where(mask, weight, scaled)
+        return torch.where(mask, weight, scaled, out=scaled)  # in place: one tensor, not two
     return weight * mask
 
 
@@ -40,12 +43,22 @@ def _straight_through(
     mask: torch.Tensor,
     srste_lambda: float,
     freeze_pruned: bool,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    """The gradient written to W from g = ∂L/∂W̃: g (+ λ(1−m)⊙W), times m when frozen; never α."""
+    """The gradient written to W from g = ∂L/∂W̃: g (+ λ(1−m)⊙W), times m when frozen; never α.
+
+    The λ term is built as W·λ with the kept entries set to +0, bit for bit λ times W with the
+    kept entries set to 0 (0·λ = +0 for λ ≥ 0): one temporary and two passes. ``in_place``
+    writes into ``grad``, a tensor the caller owns (not while a graph is recorded through it)."""
+    in_place = in_place and not (torch.is_grad_enabled() and grad.requires_grad)
     if srste_lambda:
-        grad = grad + srste_lambda * weight.masked_fill(mask, 0)
+        decay = (weight * srste_lambda).masked_fill_(mask, 0)
+        grad = grad.add_(decay) if in_place else grad + decay
     if freeze_pruned:
-        grad = grad.masked_fill(~mask, 0)
+        zero = grad.new_zeros(())
+        grad = (
+            torch.where(mask, grad, zero, out=grad) if in_place else torch.where(mask, grad, zero)
+        )
     return grad
 
 
@@ -158,8 +171,9 @@ class SparseLinear(torch.autograd.Function):
             flat_grad = grad.reshape(-1, grad.shape[-1])
             if ctx.needs_input_grad[1]:
                 grad_w = flat_grad.t().matmul(x.reshape(-1, x.shape[-1])).to(ctx.weight_dtype)
+                # grad_w is a new tensor of this function's own: edited in place
                 grad_w = _straight_through(
-                    grad_w, weight, mask, ctx.srste_lambda, ctx.freeze_pruned
+                    grad_w, weight, mask, ctx.srste_lambda, ctx.freeze_pruned, in_place=True
                 )
             if ctx.needs_input_grad[2]:
                 grad_b = flat_grad.sum(0).to(ctx.bias_dtype)

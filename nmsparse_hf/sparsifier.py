@@ -75,6 +75,26 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return gather() if callable(gather) else tensor
 
 
+def _mask_key(weight: torch.Tensor) -> tuple | None:
+    """What identifies the values of ``weight`` for the mask cache of one optimizer step (see
+    `LayerSparsity.mask`): its storage address and layout, and autograd's version counter, which
+    every in-place change bumps. None, and no caching, for tensor subclasses (DTensor, fake and
+    functional tensors), inference tensors and while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling() or type(weight) not in (torch.Tensor, nn.Parameter):
+        return None
+    if weight.is_inference():  # no version counter
+        return None
+    return (
+        weight.untyped_storage().data_ptr(),
+        weight.storage_offset(),
+        weight._version,
+        tuple(weight.shape),
+        weight.stride(),
+        weight.dtype,
+        weight.device,
+    )
+
+
 def _block_view(weight: torch.Tensor, block: SparseBlock) -> torch.Tensor:
     return weight if block.rows is None else weight[block.rows[0] : block.rows[1]]
 
@@ -101,11 +121,31 @@ class LayerSparsity:
         self.srste_lambda = 0.0
         self.freeze_pruned = False
         self.frozen_mask: torch.Tensor | None = None
+        # (key, mask) of this step's mask; `NMSparsifier.update` clears it
+        self.cached_mask: tuple[tuple, torch.Tensor] | None = None
 
     def mask(self, weight: torch.Tensor, patterns: list[Pattern | None] | None = None):
         """The keep-mask of ``weight`` under ``patterns`` (default: this step's); True where a block
-        is dense."""
-        patterns = self.patterns if patterns is None else patterns
+        is dense.
+
+        This step's mask is computed once and reused while ``weight`` is the same tensor with the
+        same values: the gradient-accumulation micro-steps (and evaluations) of one optimizer
+        step share it. The cache is keyed by the weight's storage, layout and version counter
+        (`_mask_key`) and cleared by every `NMSparsifier.update`, so a new step, an in-place
+        change (optimizer step, ``load_state_dict``, ``finalize``) or a replaced tensor
+        (``param.data = ...``, ``.to()``) recomputes it; docs/METHOD.md §4 "Cadence"."""
+        if patterns is not None:
+            return self._compute_mask(weight, patterns)
+        key = _mask_key(weight)
+        if key is not None:
+            key = (key, tuple(self.patterns))
+            if self.cached_mask is not None and self.cached_mask[0] == key:
+                return self.cached_mask[1]
+        mask = self._compute_mask(weight, self.patterns)
+        self.cached_mask = None if key is None else (key, mask)
+        return mask
+
+    def _compute_mask(self, weight: torch.Tensor, patterns: list[Pattern | None]) -> torch.Tensor:
         if len(self.blocks) == 1 and self.blocks[0].rows is None:
             n, m = patterns[0]
             return nm_mask(weight, n, m, self.dim)
@@ -465,6 +505,7 @@ class NMSparsifier:
         frozen = plan.phase == "finetune" and cfg.finetune_mask == "frozen"
         alpha: float | torch.Tensor = plan.alpha
         for state in self.layers.values():
+            state.cached_mask = None  # one mask per optimizer step, recomputed from W now
             state.active = plan.masked
             state.srste_lambda = lam if plan.masked else 0.0
             state.freeze_pruned = frozen
@@ -490,6 +531,8 @@ class NMSparsifier:
             weight = _laid_out(target)
             if state.frozen_mask is None or state.frozen_mask.shape != weight.shape:
                 state.frozen_mask = state.mask(weight, state.target_patterns)
+            # the model may have moved since the mask was fixed (e.g. to the GPU): it follows
+            state.frozen_mask = state.frozen_mask.to(weight.device)
             weight.masked_fill_(~state.frozen_mask, 0)
 
     # ------------------------------------------------------------------ end of training
@@ -503,6 +546,7 @@ class NMSparsifier:
             weight.mul_(state.mask(weight, state.target_patterns))
             state.final = True
             state.active = False
+            state.cached_mask = None
         return self.verify()
 
     def verify(self, strict: bool = True) -> VerificationReport:
