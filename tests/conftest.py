@@ -150,3 +150,20 @@ TINY_SPARSITY = dict(
     dense_fraction=0.25,
     finetune_fraction=0.25,
 )
+
+
+# flags that make a recipe run tiny: a few steps on a few digits, no evaluation during training
+TINY_RECIPE_FLAGS = [
+    "--max_steps",
+    "6",
+    "--eval_strategy",
+    "no",
+    "--logging_steps",
+    "3",
+    "--per_device_train_batch_size",
+    "16",
+    "--max_train_samples",
+    "200",
+    "--max_eval_samples",
+    "64",
+]

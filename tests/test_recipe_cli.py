@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_RECIPE_FLAGS
 
 from nmsparse_hf.recipes.arguments import RecipeConfigError, parse_args
 from nmsparse_hf.recipes.image_classification import cli, refuse_to_replace, run
@@ -21,20 +22,7 @@ ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "nmsparse_hf" / "recipes" / "configs"
 README = (ROOT / "README.md").read_text()
 
-TINY = [
-    "--max_steps",
-    "6",
-    "--eval_strategy",
-    "no",
-    "--logging_steps",
-    "3",
-    "--per_device_train_batch_size",
-    "16",
-    "--max_train_samples",
-    "200",
-    "--max_eval_samples",
-    "64",
-]
+TINY = TINY_RECIPE_FLAGS
 
 
 # ---------------------------------------------------------------------------------- conventions

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_RECIPE_FLAGS
 from safetensors.torch import load_file
 
 from nmsparse_hf import NMSparsityConfigError
@@ -140,24 +141,7 @@ def test_overrides_parse_yaml_values():
 def _tiny_run(tmp_path, config, *flags, family="vit"):
     out = tmp_path / "out"
     summary = run(
-        [
-            str(config),
-            "--max_steps",
-            "6",
-            "--output_dir",
-            str(out),
-            "--eval_strategy",
-            "no",
-            "--logging_steps",
-            "3",
-            "--per_device_train_batch_size",
-            "16",
-            "--max_train_samples",
-            "200",
-            "--max_eval_samples",
-            "64",
-            *flags,
-        ],
+        [str(config), *TINY_RECIPE_FLAGS, "--output_dir", str(out), *flags],
         family=family,
     )
     final = out / "final"
