@@ -4,7 +4,8 @@ algorithm, on a ViT-S/16-shaped model.
 One process builds ``ViTForImageClassification`` from a ``ViTConfig`` (ViT-S/16-224 by default,
 ``--vit-b`` for ViT-B/16), one copy per variant (same initial weights) with its own AdamW, and runs
 the variants round-robin: step k of every variant runs before step k+1 of any, so load from other
-processes hits all variants alike. A train step is ``sparsifier.update(step)`` + forward + loss +
+processes hits all variants alike, and in a new random order each round, so that no variant
+always runs right after another (whose caches or allocations it would inherit). A train step is ``sparsifier.update(step)`` + forward + loss +
 backward + ``optimizer.step()`` + ``zero_grad``; the sparsifier is in its sparse phase (masks on
 FF, ``--pattern``, row) from the first step.
 
@@ -12,6 +13,8 @@ Variants:
 
 * ``dense`` and the library's recipes ``STE``, ``SR-STE``, ``MDGF-lin``, ``MDGF-exp``, ``SDGF``
   (stepwise) and ``SDGF-geo`` (geometric).
+* ``dense-again``: a second dense copy, timed like the others. Its "overhead" is the noise floor
+  of the run (an A/A test): an overhead within its spread is not resolved by that run.
 * ``authors``: the paper authors' algorithm as its description gives it, written here as a
   baseline: in every forward of every targeted layer, an ``argsort`` of |W| per group of M, the
   M-N smallest set to 0 in a float mask (``scatter``), ``F.linear`` on W * mask, and a
@@ -27,7 +30,8 @@ over rounds of ours over the median of theirs; the range is the 5-95% interval o
 statistic over 2000 bootstrap resamples of the rounds). Targets: overhead <= 3% over dense, and
 <= 1/3 of the authors' overhead.
 
-Memory: torch's CPU allocations are invisible to ``tracemalloc`` and process RSS barely moves when
+Memory (counted in the warm-up steps, which are not timed: the counting hook costs time):
+torch's CPU allocations are invisible to ``tracemalloc`` and process RSS barely moves when
 the allocator reuses freed pages, so the script counts what training actually holds per step:
 the bytes of the tensors autograd saves for backward (``saved_tensors_hooks``, unique storages,
 parameters excluded since they exist anyway) -- the activation memory, which is where a sparse
@@ -52,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import json
 import random
 import statistics
@@ -82,7 +87,9 @@ RECIPES: dict[str, dict | None] = {
 }
 # the authors' algorithm (baseline variants): the SR-STE lambda of each
 AUTHORS: dict[str, float] = {"authors": 0.0, "authors-SR-STE": 2e-4}
-VARIANTS = [*RECIPES, *AUTHORS]
+# a second dense copy timed like the others: its "overhead" is the run's noise floor (an A/A test)
+CONTROL = "dense-again"
+VARIANTS = [*RECIPES, CONTROL, *AUTHORS]
 
 
 # profiler range names (`--profile`)
@@ -94,26 +101,57 @@ LABELS = {
 AUTHORS_LABEL = "authors: argsort mask + W*mask"
 
 
+class PassClock:
+    """Wall time spent inside the sparse passes of a step (the mask, building W~, the gradient
+    terms; for the authors' baseline, its masked-weight Function), summed over the step:
+    ``with PASS_CLOCK:`` around each pass. Nested uses count once."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._depth = 0
+        self._start = 0.0
+
+    def __enter__(self):
+        if self._depth == 0:
+            self._start = time.perf_counter()
+        self._depth += 1
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._start
+
+    def take(self) -> float:
+        """The seconds counted since the last call (and start over)."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+PASS_CLOCK = PassClock()
+
+
 class ArgsortMasked(torch.autograd.Function):
     """The authors' masked weight: argsort of |W| per row group of M in every forward, the M-N
     smallest zeroed in a float mask, straight-through gradient (+ lambda (1 - mask) W)."""
 
     @staticmethod
     def forward(ctx, weight, n: int, m: int, srste_lambda: float):
-        with torch.profiler.record_function(AUTHORS_LABEL):
-            groups = weight.detach().abs().reshape(-1, m)
-            pruned = torch.argsort(groups, dim=1)[:, : m - n]
-            mask = torch.ones_like(groups).scatter_(1, pruned, 0.0).reshape(weight.shape)
-        ctx.srste_lambda = srste_lambda
-        if srste_lambda:
-            ctx.save_for_backward(weight, mask)
-        return weight * mask
+        with PASS_CLOCK:
+            with torch.profiler.record_function(AUTHORS_LABEL):
+                groups = weight.detach().abs().reshape(-1, m)
+                pruned = torch.argsort(groups, dim=1)[:, : m - n]
+                mask = torch.ones_like(groups).scatter_(1, pruned, 0.0).reshape(weight.shape)
+            ctx.srste_lambda = srste_lambda
+            if srste_lambda:
+                ctx.save_for_backward(weight, mask)
+            return weight * mask
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.srste_lambda:
-            weight, mask = ctx.saved_tensors
-            grad = grad + ctx.srste_lambda * (1 - mask) * weight
+            with PASS_CLOCK:
+                weight, mask = ctx.saved_tensors
+                grad = grad + ctx.srste_lambda * (1 - mask) * weight
         return grad, None, None, None
 
 
@@ -212,28 +250,44 @@ class Variant:
         # attach first, then compile (the sparsifier's forwards trace into the graph)
         self.forward = torch.compile(self.model) if compile else self.model
         self.times: list[float] = []
+        self.pass_times: list[float] = []  # seconds inside the sparse passes, per timed step
         self.saved: list[int] = []
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.state_bytes = 4 * params  # weights, gradients, exp_avg, exp_avg_sq
 
-    def step(self, step: int, pixels: torch.Tensor, labels: torch.Tensor, accum: int = 1) -> None:
-        """One optimizer step of ``accum`` micro-batches (forward + backward each)."""
+    def step(
+        self,
+        step: int,
+        pixels: torch.Tensor,
+        labels: torch.Tensor,
+        accum: int = 1,
+        count_saved: bool = False,
+    ) -> None:
+        """One optimizer step of ``accum`` micro-batches (forward + backward each), timed; with
+        ``count_saved`` (warm-up steps only) the bytes autograd saves are counted instead."""
         counter = SavedBytes(self.model)
+        hooks = (
+            torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t)
+            if count_saved and not self.compile
+            else contextlib.nullcontext()
+        )
         start = time.perf_counter()
         if self.sparsifier is not None:
             plan = self.sparsifier.update(step)
             assert plan.phase == "sparse", plan
         for _ in range(accum):
-            if self.compile:
+            with hooks:
                 loss = self.forward(pixel_values=pixels, labels=labels).loss
-            else:
-                with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-                    loss = self.forward(pixel_values=pixels, labels=labels).loss
             (loss / accum).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.times.append(time.perf_counter() - start)
-        self.saved.append(counter.total())
+        elapsed = time.perf_counter() - start
+        passes = PASS_CLOCK.take()
+        if count_saved:
+            self.saved.append(counter.total())
+        else:
+            self.times.append(elapsed)
+            self.pass_times.append(passes)
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -265,25 +319,34 @@ def overhead_ratio_interval(
     return point, boots[int(0.05 * (len(boots) - 1))], boots[int(0.95 * (len(boots) - 1))]
 
 
-def summarize(variants: list[Variant], skip: int) -> dict[str, dict]:
-    """Per variant: median step ms, time/dense per round (median and IQR), overhead %, saved
-    bytes, and for library recipes the overhead over the authors' overhead."""
+def summarize(variants: list[Variant]) -> dict[str, dict]:
+    """Per variant: median step ms, time/dense per round (median and IQR), overhead %, the
+    overhead of the fastest steps (min over rounds / dense's min), the time inside the sparse
+    passes as % of dense's step (median, IQR), saved bytes, and for library recipes the overhead
+    (and the passes' time) over the authors'."""
     dense = variants[0]
-    dense_times = dense.times[skip:]
     ratios = {
-        v.name: [t / d for t, d in zip(v.times[skip:], dense_times, strict=True)] for v in variants
+        v.name: [t / d for t, d in zip(v.times, dense.times, strict=True)] for v in variants
+    }
+    passes = {
+        v.name: [p / d * 100 for p, d in zip(v.pass_times, dense.times, strict=True)]
+        for v in variants
     }
     out: dict[str, dict] = {}
     for v in variants:
         q1, med, q3 = quartiles(ratios[v.name])
-        saved = statistics.median(v.saved[skip:])
-        dense_saved = statistics.median(dense.saved[skip:])
+        p1, pmed, p3 = quartiles(passes[v.name])
+        saved = statistics.median(v.saved) if v.saved else float("nan")
+        dense_saved = statistics.median(dense.saved) if dense.saved else float("nan")
         row = {
-            "step_ms": statistics.median(v.times[skip:]) * 1e3,
+            "step_ms": statistics.median(v.times) * 1e3,
             "time_over_dense": med,
             "time_over_dense_iqr": [q1, q3],
             "overhead_pct": (med - 1) * 100,
             "overhead_pct_iqr": [(q1 - 1) * 100, (q3 - 1) * 100],
+            "overhead_of_fastest_pct": (min(v.times) / min(dense.times) - 1) * 100,
+            "passes_pct": pmed,
+            "passes_pct_iqr": [p1, p3],
             "saved_mb": saved / 2**20,
             "saved_over_dense": saved / dense_saved if dense_saved else float("nan"),
             "saved_state_over_dense": (saved + v.state_bytes) / (dense_saved + dense.state_bytes),
@@ -298,36 +361,40 @@ def summarize(variants: list[Variant], skip: int) -> dict[str, dict]:
             row["authors_reference"] = reference
             row["over_authors_overhead"] = point
             row["over_authors_overhead_90"] = [lo, hi]
+            theirs = statistics.median(passes[reference])
+            row["passes_over_authors"] = pmed / theirs if theirs > 0 else float("nan")
         out[v.name] = row
     return out
+
+
+def _cell(value: float | None, spec: str, width: int) -> str:
+    return f"{'' if value is None or value != value else format(value, spec):>{width}}"
 
 
 def format_table(summary: dict[str, dict], memory: bool = True) -> str:
     """The printed table: one row per variant."""
     header = (
-        f"{'variant':>14} {'step ms':>9} {'time/dense':>10} {'IQR':>13} {'overhead %':>10} "
-        f"{'IQR %':>13} {'ours/authors':>12} {'5-95%':>13}"
+        f"{'variant':>14} {'step ms':>8} {'overhead %':>10} {'IQR %':>12} {'fastest %':>9} "
+        f"{'ours/authors':>12} {'5-95%':>11} {'passes %':>8} {'IQR %':>11} {'passes o/a':>10}"
     )
     if memory:
-        header += f" {'saved MB':>9} {'saved/dense':>11} {'(saved+state)/dense':>19}"
+        header += f" {'saved MB':>8} {'saved/dense':>11} {'(saved+state)/dense':>19}"
     lines = [header, "-" * len(header)]
     for name, r in summary.items():
-        lo, hi = r["time_over_dense_iqr"]
         olo, ohi = r["overhead_pct_iqr"]
-        ours = r.get("over_authors_overhead")
+        plo, phi = r["passes_pct_iqr"]
         band = r.get("over_authors_overhead_90")
         line = (
-            f"{name:>14} {r['step_ms']:9.1f} {r['time_over_dense']:10.3f} "
-            f"{f'{lo:.3f}-{hi:.3f}':>13} {r['overhead_pct']:10.1f} {f'{olo:.1f}..{ohi:.1f}':>13} "
-            + (
-                f"{ours:12.2f} {f'{band[0]:.2f}-{band[1]:.2f}':>13}"
-                if ours is not None
-                else " " * 27
-            )
+            f"{name:>14} {r['step_ms']:8.1f} {r['overhead_pct']:10.1f} "
+            f"{f'{olo:.1f}..{ohi:.1f}':>12} {r['overhead_of_fastest_pct']:9.1f} "
+            f"{_cell(r.get('over_authors_overhead'), '.2f', 12)} "
+            f"{f'{band[0]:.2f}-{band[1]:.2f}' if band else '':>11} "
+            f"{r['passes_pct']:8.2f} {f'{plo:.2f}..{phi:.2f}':>11} "
+            f"{_cell(r.get('passes_over_authors'), '.2f', 10)}"
         )
         if memory:
             line += (
-                f" {r['saved_mb']:9.1f} {r['saved_over_dense']:11.3f}"
+                f" {r['saved_mb']:8.1f} {r['saved_over_dense']:11.3f}"
                 f" {r['saved_state_over_dense']:19.3f}"
             )
         lines.append(line)
@@ -346,16 +413,34 @@ def run_variants(
     compile: bool = False,
     accum: int = 1,
 ) -> list[Variant]:
-    """Build every variant (dense first) and run them round-robin; returns them with times."""
+    """Build every variant (dense first) and run them round-robin, in a new random order each
+    round (no variant always follows another); returns them with times. Warm-up steps count the
+    saved bytes and are not timed."""
     names = ["dense"] + [n for n in names if n != "dense"]
     variants = [Variant(n, base, 100_000, pattern, unfused, compile) for n in names]
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch, 3, image, image, generator=generator)
     labels = torch.randint(0, 1000, (batch,), generator=generator)
-    for step in range(warmup + repeats):
-        for variant in variants:
-            variant.step(step, pixels, labels, accum)
+    order = random.Random(0)
+    with wrapped_passes(_clocked):
+        for step in range(max(warmup, 1) + repeats):
+            for variant in order.sample(variants, len(variants)):
+                variant.step(step, pixels, labels, accum, count_saved=step < max(warmup, 1))
     return variants
+
+
+def keep_heap() -> bool:
+    """Ask glibc's malloc to keep freed memory instead of returning it to the OS, so that a large
+    tensor allocated again does not page-fault every page in anew. With the default settings, a
+    step of this model page-faults between 0 and ~30,000 times depending on the heap's state
+    (measured with ``getrusage``): several % of a step, at random, in every variant. Returns
+    False where the C library has no ``mallopt`` (not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # M_MMAP_THRESHOLD (-3) at glibc's maximum, 32 MiB; M_TRIM_THRESHOLD (-1) at 1 GiB
+        return bool(libc.mallopt(-3, 32 * 2**20) and libc.mallopt(-1, 2**30))
+    except (OSError, AttributeError):
+        return False
 
 
 def _labelled(fn, label: str):
@@ -366,10 +451,19 @@ def _labelled(fn, label: str):
     return run
 
 
+def _clocked(fn, label: str):
+    def run(*args, **kwargs):
+        with PASS_CLOCK:
+            return fn(*args, **kwargs)
+
+    return run
+
+
 @contextlib.contextmanager
-def labelled_passes():
-    """While profiling: the library's sparse passes (the mask, building W~, the terms of the
-    gradient written to W) appear as named ranges."""
+def wrapped_passes(wrap):
+    """The library's sparse passes (the mask, building W~, the terms of the gradient written to
+    W) replaced by ``wrap(fn, label)`` for the duration: named profiler ranges (`_labelled`) or
+    the pass clock (`_clocked`)."""
     from nmsparse_hf import autograd as nm_autograd
     from nmsparse_hf import sparsifier as nm_sparsifier
 
@@ -380,7 +474,7 @@ def labelled_passes():
     ]
     originals = [(module, name, getattr(module, name)) for module, name in targets]
     for module, name, fn in originals:
-        setattr(module, name, _labelled(fn, LABELS[name]))
+        setattr(module, name, wrap(fn, LABELS[name]))
     try:
         yield
     finally:
@@ -402,7 +496,7 @@ def profile_steps(variants: list[Variant], recipe: str, batch: int, image: int, 
     for name in ("dense", recipe):
         variant = by_name[name]
         step = len(variant.times)
-        with labelled_passes(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with wrapped_passes(_labelled), profile(activities=[ProfilerActivity.CPU]) as prof:
             variant.step(step, pixels, labels)
         events = prof.key_averages()
         stats[name] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in events}
@@ -459,6 +553,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vit-b", action="store_true", help="ViT-B/16 instead of ViT-S/16")
     parser.add_argument("--pattern", default="2:4", help="FF pattern N:M (N kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc settings alone (by default the script asks it to keep freed "
+        "memory, which removes random page-fault time from every variant; see keep_heap)",
+    )
     parser.add_argument("--recipes", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument(
         "--accum",
@@ -493,6 +593,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--profile profiles eager steps; leave out --compile")
     if args.threads:
         torch.set_num_threads(args.threads)
+    heap = "system malloc" if args.system_malloc else f"heap kept: {keep_heap()}"
     if args.compile:
         # every variant is a copy of the same classes, so they share dynamo's per-code cache; in a
         # real run one model compiles once per distinct phase/pattern (see tests/test_sparsifier)
@@ -508,6 +609,7 @@ def main(argv: list[str] | None = None) -> dict:
         + f" FF {args.pattern} row, torch {torch.__version__}, threads "
         f"{torch.get_num_threads()}, {args.warmup} warm-up + {args.repeats} timed rounds, "
         f"round-robin"
+        + f", {heap}"
         + (", UNFUSED sparse Linear (F.linear on W~)" if args.unfused else "")
         + (", torch.compile (inductor)" if args.compile else "")
     )
@@ -523,11 +625,14 @@ def main(argv: list[str] | None = None) -> dict:
         args.compile,
         args.accum,
     )
-    summary = summarize(variants, args.warmup)
+    summary = summarize(variants)
     print(format_table(summary, memory=not args.compile))
     print(
-        "time/dense: median over rounds of (variant step / dense step of the same round), IQR "
-        "over rounds; ours/authors: our overhead / the authors' overhead, 5-95% bootstrap"
+        "overhead: median over rounds of (variant step / dense step of the same round) - 1, IQR "
+        "over rounds; fastest: fastest step / dense's fastest step - 1; ours/authors: our "
+        "overhead / the authors' overhead, 5-95% bootstrap; passes: time inside the sparse "
+        "passes / dense step (median, IQR), o/a: ours / the authors'; dense-again: the noise "
+        "floor"
     )
     print("targets: overhead <= 3% over dense, ours/authors <= 0.33, memory/dense <= 1.05")
     if args.profile:
@@ -544,6 +649,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "compile": args.compile,
         "torch": torch.__version__,
+        "heap": heap,
         "variants": summary,
     }
     if args.json:

@@ -53,7 +53,7 @@ def measure(width: str, batch: int, args) -> dict:
         args.repeats,
         parse_pattern(args.pattern),
     )
-    summary = summarize(variants, args.warmup)
+    summary = summarize(variants)
     for row in summary.values():
         row.pop("rounds", None)
     seconds = time.perf_counter() - start

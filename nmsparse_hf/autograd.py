@@ -27,14 +27,55 @@ import torch
 import torch.nn.functional as F
 
 
-def _masked(weight: torch.Tensor, mask: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
-    """W ⊙ (m + α(1 − m)), plain tensor math (no autograd of its own)."""
-    if isinstance(alpha, torch.Tensor) or alpha != 0:
-        scaled = weight * alpha
-        if torch.is_grad_enabled() and scaled.requires_grad:  # double backward: no out=
-            return torch.where(mask, weight, scaled)
-        return torch.where(mask, weight, scaled, out=scaled)  # in place: one tensor, not two
-    return weight * mask
+# The passes below take the bool mask as 0/1 bytes (``mask.view(torch.int8/uint8)``): on CPU a
+# bool operand costs a slow cast (``w * mask`` about 7x ``w * mask.view(torch.uint8)``, and
+# ``torch.where``/``masked_fill`` about 10x a vectorized pass), while a byte operand is read as is.
+# Every result is bit for bit the plain expression it replaces (tests/test_step_passes.py).
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _recording(*tensors: torch.Tensor) -> bool:
+    """True when autograd records a graph through one of ``tensors`` (double backward): the plain,
+    differentiable expressions are used then, and nothing is written in place."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _zero_where(tensor: torch.Tensor, mask: torch.Tensor, where: bool) -> torch.Tensor:
+    """``tensor.masked_fill_(mask == where, 0)`` in place, bit for bit (NaN and inf entries become
+    +0 too), as one AND of ``tensor``'s bits with 0 (to clear) or all-ones (to keep)."""
+    flags = mask.view(torch.int8)  # 1 where True, 0 where False
+    keep_bits = flags - 1 if where else flags.neg()  # 0 or -1 (all bits set) per entry
+    tensor.view(_SAME_WIDTH_INT[tensor.element_size()]).bitwise_and_(keep_bits)
+    return tensor
+
+
+def _alpha_factor(mask: torch.Tensor, alpha: float | torch.Tensor, dtype: torch.dtype):
+    """m + α(1 − m) as a ``dtype`` tensor: exactly 1 where kept and α (in ``dtype``) where pruned
+    (1·α + 0 and 0·α + 1 round to nothing)."""
+    pruned = (~mask).view(torch.uint8).to(dtype)
+    return pruned.mul_(alpha).add_(mask.view(torch.uint8))
+
+
+def _masked(
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    alpha: float | torch.Tensor,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """W ⊙ (m + α(1 − m)) as a ``dtype`` tensor (default: W's), bit for bit
+    ``torch.where(mask, W, W * alpha).to(dtype)`` (``(W * mask).to(dtype)`` for α = 0): the
+    product is computed in the precision ``W * alpha`` computes in, then rounded once to ``dtype``."""
+    dtype = dtype or weight.dtype
+    if torch.finfo(dtype).bits > torch.finfo(weight.dtype).bits:
+        return _masked(weight, mask, alpha).to(dtype)  # W̃ is rounded to W's dtype first
+    if not isinstance(alpha, torch.Tensor) and alpha == 0:
+        factor = mask.view(torch.uint8)
+    else:
+        # half types compute W * alpha in float32; so does W * factor with a float32 factor
+        factor = _alpha_factor(mask, alpha, torch.promote_types(weight.dtype, torch.float32))
+    if _recording(weight):
+        return (weight * factor).to(dtype)
+    return torch.mul(weight, factor, out=torch.empty_like(weight, dtype=dtype))
 
 
 def _straight_through(
@@ -47,18 +88,18 @@ def _straight_through(
 ) -> torch.Tensor:
     """The gradient written to W from g = ∂L/∂W̃: g (+ λ(1−m)⊙W), times m when frozen; never α.
 
-    The λ term is built as W·λ with the kept entries set to +0, bit for bit λ times W with the
-    kept entries set to 0 (0·λ = +0 for λ ≥ 0): one temporary and two passes. ``in_place``
-    writes into ``grad``, a tensor the caller owns (not while a graph is recorded through it)."""
-    in_place = in_place and not (torch.is_grad_enabled() and grad.requires_grad)
+    Bit for bit ``g + λ * W.masked_fill(m, 0)`` and ``.masked_fill(~m, 0)`` (pruned entries +0,
+    whatever g held there). ``in_place`` writes into ``grad``, a tensor the caller owns."""
+    if _recording(grad, weight):
+        if srste_lambda:
+            grad = grad + srste_lambda * weight.masked_fill(mask, 0)
+        return grad.masked_fill(~mask, 0) if freeze_pruned else grad
     if srste_lambda:
-        decay = (weight * srste_lambda).masked_fill_(mask, 0)
+        decay = _zero_where(weight * srste_lambda, mask, True)
         grad = grad.add_(decay) if in_place else grad + decay
+        in_place = True  # grad is now a tensor of this function's own either way
     if freeze_pruned:
-        zero = grad.new_zeros(())
-        grad = (
-            torch.where(mask, grad, zero, out=grad) if in_place else torch.where(mask, grad, zero)
-        )
+        grad = _zero_where(grad if in_place else grad.clone(), mask, False)
     return grad
 
 
@@ -143,11 +184,10 @@ class SparseLinear(torch.autograd.Function):
         ctx.x_dtype, ctx.weight_dtype = x.dtype, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.device_type = x.device.type
-        weight_eff = _masked(weight, mask, alpha)
         ctx.compute_dtype = _autocast_dtype(ctx.device_type)
+        weight_eff = _masked(weight, mask, alpha, ctx.compute_dtype)
         if ctx.compute_dtype is not None:
             x = x.to(ctx.compute_dtype)
-            weight_eff = weight_eff.to(ctx.compute_dtype)
             bias = None if bias is None else bias.to(ctx.compute_dtype)
         if isinstance(alpha, torch.Tensor):
             ctx.save_for_backward(x, weight, mask, alpha)
@@ -166,7 +206,7 @@ class SparseLinear(torch.autograd.Function):
         # every dtype below is explicit; an autocast around backward must not change them
         with torch.autocast(ctx.device_type, enabled=False):
             if ctx.needs_input_grad[0]:
-                weight_eff = _masked(weight, mask, alpha).to(grad.dtype)
+                weight_eff = _masked(weight, mask, alpha, grad.dtype)
                 grad_x = grad.matmul(weight_eff).to(ctx.x_dtype)
             flat_grad = grad.reshape(-1, grad.shape[-1])
             if ctx.needs_input_grad[1]:

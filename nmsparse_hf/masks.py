@@ -156,19 +156,33 @@ def _topn_stable(groups: torch.Tensor, n: int) -> torch.Tensor:
     """
     if n == groups.shape[1] - 1:
         # prune the single smallest: exact unless a group's minimum is repeated
-        keep = groups > groups.amin(dim=1, keepdim=True)
+        keep = _compare(torch.gt, groups, groups.amin(dim=1, keepdim=True))
         tied = None
     else:
         kth, tied = _nth_largest(groups, n)
-        keep = groups >= kth
+        keep = _compare(torch.ge, groups, kth)
     if tied is None:
-        tied = int(torch.count_nonzero(keep)) != groups.numel() // groups.shape[1] * n
+        tied = _count_ones(keep) != groups.numel() // groups.shape[1] * n
+    keep = keep.bool()
     if tied:
         counts = keep.sum(dim=1)
         bad = (counts != n).nonzero(as_tuple=True)
         rows = groups.transpose(1, 2)[bad]
         keep.transpose(1, 2)[bad] = _topn_stable_rows(rows, n)
     return keep
+
+
+def _compare(op, groups: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``op(groups, threshold)`` (a comparison) as 1.0/0.0 in ``groups``' float dtype: on CPU a
+    comparison written to a float tensor is vectorized, to a bool tensor it is not (2x slower)."""
+    return op(groups, threshold, out=torch.empty_like(groups))
+
+
+def _count_ones(flags: torch.Tensor) -> int:
+    """The number of 1.0 entries of a 0/1 float tensor, exactly: a float32 sum of integers is exact
+    while every partial sum stays below 2**24, i.e. for up to 2**24 entries."""
+    exact = flags.dtype == torch.float64 or flags.numel() <= 2**24
+    return int(flags.sum() if exact else flags.sum(dtype=torch.float64))
 
 
 def _topn_pairwise(groups: torch.Tensor, n: int) -> torch.Tensor:

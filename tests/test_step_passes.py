@@ -62,3 +62,37 @@ def test_double_backward_still_records_a_graph():
     (gw,) = torch.autograd.grad(y.square().sum(), w, create_graph=True)
     (gx,) = torch.autograd.grad(gw.sum(), x)
     assert gx.shape == x.shape and torch.isfinite(gx).all()
+
+
+@pytest.mark.parametrize(
+    "weight_dtype,dtype",
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.float64, torch.float32),
+        (torch.bfloat16, torch.float32),  # wider than W: W̃ rounds to W's dtype first
+        (torch.float16, torch.float16),
+    ],
+)
+def test_effective_weight_in_a_compute_dtype_is_the_plain_expression_cast(weight_dtype, dtype):
+    """Under autocast W̃ is written straight in the compute dtype: the same bits as building it in
+    W's dtype and casting (one rounding saved, none changed)."""
+    _, weight, mask = _tensors(weight_dtype)
+    weight = weight * 1.37  # products that round in the narrower dtype
+    for alpha in (torch.tensor(0.37), 0.25, 0.0):
+        expected = torch.where(mask, weight, weight * alpha) if alpha != 0 else weight * mask
+        got = _masked(weight, mask, alpha, dtype)
+        assert got.dtype == dtype
+        assert torch.equal(_bits(got), _bits(expected.to(dtype))), alpha
+
+
+def test_recorded_passes_give_the_same_bits_as_the_fast_ones():
+    """While a graph is recorded (double backward) the plain expressions run; same values."""
+    grad, weight, mask = _tensors(torch.float32)
+    for alpha in (torch.tensor(0.37), 0.0):
+        fast = _masked(weight, mask, alpha)
+        recorded = _masked(weight.clone().requires_grad_(), mask, alpha)
+        assert recorded.requires_grad and torch.equal(_bits(recorded.detach()), _bits(fast))
+    fast = _straight_through(grad.clone(), weight, mask, 2e-4, True)
+    recorded = _straight_through(grad.clone().requires_grad_(), weight, mask, 2e-4, True)
+    assert recorded.requires_grad and torch.equal(_bits(recorded.detach()), _bits(fast))
