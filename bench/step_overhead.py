@@ -325,9 +325,7 @@ def summarize(variants: list[Variant]) -> dict[str, dict]:
     passes as % of dense's step (median, IQR), saved bytes, and for library recipes the overhead
     (and the passes' time) over the authors'."""
     dense = variants[0]
-    ratios = {
-        v.name: [t / d for t, d in zip(v.times, dense.times, strict=True)] for v in variants
-    }
+    ratios = {v.name: [t / d for t, d in zip(v.times, dense.times, strict=True)] for v in variants}
     passes = {
         v.name: [p / d * 100 for p, d in zip(v.pass_times, dense.times, strict=True)]
         for v in variants

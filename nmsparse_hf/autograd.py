@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 # The passes below take the bool mask as 0/1 bytes (``mask.view(torch.int8/uint8)``): on CPU a
 # bool operand costs a slow cast (``w * mask`` about 7x ``w * mask.view(torch.uint8)``, and
 # ``torch.where``/``masked_fill`` about 10x a vectorized pass), while a byte operand is read as is.
