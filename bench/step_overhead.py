@@ -5,9 +5,11 @@ One process builds ``ViTForImageClassification`` from a ``ViTConfig`` (ViT-S/16-
 ``--vit-b`` for ViT-B/16), one copy per variant (same initial weights) with its own AdamW, and runs
 the variants round-robin: step k of every variant runs before step k+1 of any, so load from other
 processes hits all variants alike, and in a new random order each round, so that no variant
-always runs right after another (whose caches or allocations it would inherit). A train step is ``sparsifier.update(step)`` + forward + loss +
-backward + ``optimizer.step()`` + ``zero_grad``; the sparsifier is in its sparse phase (masks on
-FF, ``--pattern``, row) from the first step.
+always runs right after another (whose caches or allocations it would inherit). A train step is
+``sparsifier.update(step)`` + forward + loss + backward + ``optimizer.step()`` + ``zero_grad``;
+the sparsifier is in its sparse phase (masks on FF, ``--pattern``, row) from the first step.
+``--progress P`` starts the timed steps at fraction P of the schedule (of 100,000 steps), where
+SDGF runs a later, sparser stage and MDGF a smaller alpha; the patterns in use are printed.
 
 Variants:
 
@@ -90,6 +92,7 @@ AUTHORS: dict[str, float] = {"authors": 0.0, "authors-SR-STE": 2e-4}
 # a second dense copy timed like the others: its "overhead" is the run's noise floor (an A/A test)
 CONTROL = "dense-again"
 VARIANTS = [*RECIPES, CONTROL, *AUTHORS]
+TOTAL_STEPS = 100_000  # the schedule's length (``--progress`` is a fraction of it)
 
 
 # profiler range names (`--profile`)
@@ -410,12 +413,14 @@ def run_variants(
     unfused: bool = False,
     compile: bool = False,
     accum: int = 1,
+    progress: float = 0.0,
 ) -> list[Variant]:
     """Build every variant (dense first) and run them round-robin, in a new random order each
     round (no variant always follows another); returns them with times. Warm-up steps count the
     saved bytes and are not timed."""
     names = ["dense"] + [n for n in names if n != "dense"]
-    variants = [Variant(n, base, 100_000, pattern, unfused, compile) for n in names]
+    variants = [Variant(n, base, TOTAL_STEPS, pattern, unfused, compile) for n in names]
+    first = int(progress * TOTAL_STEPS)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch, 3, image, image, generator=generator)
     labels = torch.randint(0, 1000, (batch,), generator=generator)
@@ -423,8 +428,19 @@ def run_variants(
     with wrapped_passes(_clocked):
         for step in range(max(warmup, 1) + repeats):
             for variant in order.sample(variants, len(variants)):
-                variant.step(step, pixels, labels, accum, count_saved=step < max(warmup, 1))
+                variant.step(first + step, pixels, labels, accum, count_saved=step < max(warmup, 1))
     return variants
+
+
+def patterns_in_use(variants: list[Variant]) -> str:
+    """``name n:m`` of each library variant at its last step (the first targeted layer's)."""
+    parts = []
+    for v in variants:
+        if v.sparsifier is not None:
+            state = getattr(v.sparsifier.targets[0].module, ATTR)
+            n, m = state.patterns[0]
+            parts.append(f"{v.name} {n}:{m}" + (f" alpha {state.alpha:.3g}" if state.alpha else ""))
+    return ", ".join(parts)
 
 
 def keep_heap() -> bool:
@@ -565,6 +581,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="micro-batches per optimizer step (gradient accumulation; the timed unit is the "
         "optimizer step)",
     )
+    parser.add_argument(
+        "--progress",
+        type=float,
+        default=0.0,
+        help="fraction of the schedule at which the timed steps start (SDGF's later stages)",
+    )
     parser.add_argument("--json", default=None, help="also write the summary to this JSON file")
     parser.add_argument(
         "--profile",
@@ -622,7 +644,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.unfused,
         args.compile,
         args.accum,
+        args.progress,
     )
+    print(f"patterns at the timed steps: {patterns_in_use(variants)}")
     summary = summarize(variants)
     print(format_table(summary, memory=not args.compile))
     print(
@@ -640,6 +664,7 @@ def main(argv: list[str] | None = None) -> dict:
         "layers": base.config.num_hidden_layers,
         "batch": args.batch,
         "accum": args.accum,
+        "progress": args.progress,
         "image_size": args.image_size,
         "pattern": args.pattern,
         "threads": torch.get_num_threads(),

@@ -118,19 +118,34 @@ def _(magnitude: torch.Tensor, n: int, m: int, dim: str) -> torch.Tensor:
     return torch.empty_like(magnitude, dtype=torch.bool)
 
 
-def _nth_largest(groups: torch.Tensor, n: int) -> tuple[torch.Tensor, bool | None]:
-    """The n-th largest value of each group of ``groups`` ``[P, m, Q]`` (along dim 1), shaped
-    ``[P, 1, Q]``, and whether any group's n-th and (n+1)-th largest are equal (``None``: unknown).
+PEEL_MAX_ROUNDS = 8  # `_nth_largest` peels up to this many maxima before falling back to topk
 
-    Cheap special cases for the common patterns; ``topk`` otherwise (slow for small m on CPU).
+
+def _group_max(groups: torch.Tensor) -> torch.Tensor:
+    """The largest value of each group of ``groups`` ``[P, m, Q]`` (along dim 1), ``[P, 1, Q]``;
+    NaN where a group holds one."""
+    m = groups.shape[1]
+    if groups.shape[2] == 1 and m < 16:
+        # max-pooling beats amax over a short innermost dimension on CPU
+        pooled = torch.nn.functional.max_pool1d(groups.view(1, 1, -1), m, m)
+        return pooled.view(-1, 1, 1)
+    return groups.amax(dim=1, keepdim=True)
+
+
+def _nth_largest(groups: torch.Tensor, n: int) -> tuple[torch.Tensor, bool | None]:
+    """A threshold ``t`` per group of the non-negative ``groups`` ``[P, m, Q]`` (along dim 1),
+    shaped ``[P, 1, Q]``, such that ``groups >= t`` keeps exactly the n largest of every group
+    that has no tie at the keep/prune boundary, NaN or inf; and whether some group may have one
+    (True/False when known here, ``None``: the caller counts).
+
+    For n - 1 <= PEEL_MAX_ROUNDS, ``t`` is the n-th largest *distinct* value, found by peeling:
+    take the maximum, zero every entry at or above it, repeat. Where the n largest are distinct
+    that is the n-th largest; where they are not, ``groups >= t`` keeps more than n, and the
+    caller's count sends the group to the exact tie-breaking (as it does NaN: its comparisons are
+    false). A handful of max-pools and comparisons over the weight; ``topk`` over many short rows
+    costs several times more on CPU, and remains the path for larger n.
     """
     m = groups.shape[1]
-    if n == 1:
-        if groups.shape[2] == 1 and m < 16:
-            # max-pooling beats amax over a short innermost dimension on CPU
-            pooled = torch.nn.functional.max_pool1d(groups.view(1, 1, -1), m, m)
-            return pooled.view(-1, 1, 1), None
-        return groups.amax(dim=1, keepdim=True), None
     if n == 2 and m == 4:
         # sorted (a, b, c, d): 2nd = max(high, low), 3rd = min(high, low) with
         # high = min(max(a, b), max(c, d)), low = max(min(a, b), min(c, d))
@@ -141,6 +156,14 @@ def _nth_largest(groups: torch.Tensor, n: int) -> tuple[torch.Tensor, bool | Non
         # propagate it), which then takes the exact path like a tie.
         second, third = torch.maximum(high, low), torch.minimum(high, low)
         return second.unsqueeze(1), not bool((second > third).all())
+    if n - 1 <= PEEL_MAX_ROUNDS:
+        threshold = _group_max(groups)
+        below = groups
+        for _ in range(n - 1):
+            # entries >= threshold become 0 (below it they are kept as they are)
+            below = below * _compare(torch.lt, below, threshold)
+            threshold = _group_max(below)
+        return threshold, None
     kth = groups.topk(n, dim=1, largest=True, sorted=False).values.amin(dim=1, keepdim=True)
     return kth, None
 
@@ -156,7 +179,7 @@ def _topn_stable(groups: torch.Tensor, n: int) -> torch.Tensor:
     """
     if n == groups.shape[1] - 1:
         # prune the single smallest: exact unless a group's minimum is repeated
-        keep = _compare(torch.gt, groups, groups.amin(dim=1, keepdim=True))
+        keep = _compare(torch.gt, groups, _group_max(groups.neg()).neg_())
         tied = None
     else:
         kth, tied = _nth_largest(groups, n)
