@@ -46,13 +46,14 @@ def test_step_overhead_bench_runs():
         "--warmup",
         "0",
     )
-    assert "time/dense" in out and "saved/dense" in out
+    assert "overhead %" in out and "saved/dense" in out and "passes %" in out
     recipes = [line.split()[0] for line in out.splitlines() if line.strip()]
     for name in ("dense", "STE", "SR-STE", "MDGF-exp", "SDGF"):
         assert name in recipes
-    for name in ("MDGF-lin", "SDGF-geo", "authors", "authors-SR-STE"):
+    for name in ("MDGF-lin", "SDGF-geo", "authors", "authors-SR-STE", "dense-again"):
         assert name in recipes
     assert "ours/authors" in out and "IQR" in out
+    assert "patterns at the timed steps: STE 2:4" in out
 
 
 TINY_STEP = ("--layers", "1", "--image-size", "32", "--repeats", "2", "--warmup", "0")
