@@ -267,7 +267,8 @@ class Variant:
         count_saved: bool = False,
     ) -> None:
         """One optimizer step of ``accum`` micro-batches (forward + backward each), timed; with
-        ``count_saved`` (warm-up steps only) the bytes autograd saves are counted instead."""
+        ``count_saved`` (warm-up steps only) the bytes autograd saves in the first micro-batch's
+        forward are counted instead."""
         counter = SavedBytes(self.model)
         hooks = (
             torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t)
@@ -278,8 +279,9 @@ class Variant:
         if self.sparsifier is not None:
             plan = self.sparsifier.update(step)
             assert plan.phase == "sparse", plan
-        for _ in range(accum):
-            with hooks:
+        for micro in range(accum):
+            # one forward's saved tensors: later micro-batches reuse the freed storages
+            with hooks if micro == 0 else contextlib.nullcontext():
                 loss = self.forward(pixel_values=pixels, labels=labels).loss
             (loss / accum).backward()
         self.optimizer.step()

@@ -94,28 +94,30 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: str = "row") -> torch.Ten
     if n == m:
         return torch.ones_like(weight, dtype=torch.bool)
     with torch.no_grad():
-        magnitude = weight.detach().abs()
-        if magnitude.dtype not in (torch.float32, torch.float64):
-            magnitude = magnitude.float()
+        values = weight.detach()
+        if values.dtype not in (torch.float32, torch.float64):
+            values = values.float()
         if torch.compiler.is_compiling() and m <= PAIRWISE_MAX_M:
             # traced: small groups count pairwise, with no data-dependent branch (it would break
             # the graph), and inductor fuses that into one pass. Longer groups, traced or not, run
             # the eager kernel, which is a custom op: one opaque node in a graph (inductor's own
             # code for short top-k reductions is slower than it).
-            return _topn_pairwise(_group_view(magnitude, m, dim), n).reshape(weight.shape)
-        return _eager_nm_mask(magnitude, n, m, dim)
+            return _topn_pairwise(_group_view(values.abs(), m, dim), n).reshape(weight.shape)
+        return _eager_nm_mask(values, n, m, dim)
 
 
 @torch.library.custom_op("nmsparse_hf::nm_mask", mutates_args=())
-def _eager_nm_mask(magnitude: torch.Tensor, n: int, m: int, dim: str) -> torch.Tensor:
-    """The mask of a non-negative float32/64 ``magnitude`` by the eager kernel (`_topn_stable`).
-    A custom op so that `torch.compile` calls it as one node instead of tracing its branches."""
-    return _topn_stable(_group_view(magnitude, m, dim), n).reshape(magnitude.shape)
+def _eager_nm_mask(weight: torch.Tensor, n: int, m: int, dim: str) -> torch.Tensor:
+    """The mask of a float32/64 ``weight`` by the eager kernel (`_topn_stable`), on ``|weight|``
+    made here (so the kernel may reuse it as scratch). A custom op so that `torch.compile` calls it
+    as one node instead of tracing its branches."""
+    groups = _group_view(weight.abs(), m, dim)
+    return _topn_stable(groups, n, source=_group_view(weight, m, dim)).reshape(weight.shape)
 
 
 @_eager_nm_mask.register_fake
-def _(magnitude: torch.Tensor, n: int, m: int, dim: str) -> torch.Tensor:
-    return torch.empty_like(magnitude, dtype=torch.bool)
+def _(weight: torch.Tensor, n: int, m: int, dim: str) -> torch.Tensor:
+    return torch.empty_like(weight, dtype=torch.bool)
 
 
 PEEL_MAX_ROUNDS = 8  # `_nth_largest` peels up to this many maxima before falling back to topk
@@ -158,19 +160,21 @@ def _nth_largest(groups: torch.Tensor, n: int) -> tuple[torch.Tensor, bool | Non
         return second.unsqueeze(1), not bool((second > third).all())
     if n - 1 <= PEEL_MAX_ROUNDS:
         threshold = _group_max(groups)
-        below = groups
+        below, flags = groups, torch.empty_like(groups)  # two weight-sized buffers, reused
         for _ in range(n - 1):
             # entries >= threshold become 0 (below it they are kept as they are)
-            below = below * _compare(torch.lt, below, threshold)
+            torch.lt(below, threshold, out=flags)
+            below = below.mul_(flags) if below is not groups else below * flags
             threshold = _group_max(below)
         return threshold, None
     kth = groups.topk(n, dim=1, largest=True, sorted=False).values.amin(dim=1, keepdim=True)
     return kth, None
 
 
-def _topn_stable(groups: torch.Tensor, n: int) -> torch.Tensor:
+def _topn_stable(groups: torch.Tensor, n: int, source: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask of the n largest values in each group of ``groups`` ``[P, m, Q]`` (along dim 1),
-    ties to the lower index.
+    ties to the lower index. With ``source`` given, ``groups`` is ``|source|``, a tensor of the
+    caller's that this function may overwrite (the comparison is written into it).
 
     With ``t`` the n-th largest value of a group, ``groups >= t`` keeps exactly n entries unless
     the n-th and (n+1)-th largest are equal (for n = m - 1: ``groups > min``, unless the minimum
@@ -179,26 +183,22 @@ def _topn_stable(groups: torch.Tensor, n: int) -> torch.Tensor:
     """
     if n == groups.shape[1] - 1:
         # prune the single smallest: exact unless a group's minimum is repeated
-        keep = _compare(torch.gt, groups, _group_max(groups.neg()).neg_())
-        tied = None
+        threshold, op, tied = _group_max(groups.neg()).neg_(), torch.gt, None
     else:
-        kth, tied = _nth_largest(groups, n)
-        keep = _compare(torch.ge, groups, kth)
+        (threshold, tied), op = _nth_largest(groups, n), torch.ge
+    # written as 1.0/0.0 floats: on CPU a comparison into a float tensor is vectorized, into a
+    # bool tensor it is not (about 2x slower)
+    keep = op(groups, threshold, out=groups if source is not None else torch.empty_like(groups))
     if tied is None:
         tied = _count_ones(keep) != groups.numel() // groups.shape[1] * n
     keep = keep.bool()
     if tied:
+        exact = groups if source is None else source.abs()
         counts = keep.sum(dim=1)
         bad = (counts != n).nonzero(as_tuple=True)
-        rows = groups.transpose(1, 2)[bad]
+        rows = exact.transpose(1, 2)[bad]
         keep.transpose(1, 2)[bad] = _topn_stable_rows(rows, n)
     return keep
-
-
-def _compare(op, groups: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """``op(groups, threshold)`` (a comparison) as 1.0/0.0 in ``groups``' float dtype: on CPU a
-    comparison written to a float tensor is vectorized, to a bool tensor it is not (2x slower)."""
-    return op(groups, threshold, out=torch.empty_like(groups))
 
 
 def _count_ones(flags: torch.Tensor) -> int:
