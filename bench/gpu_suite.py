@@ -41,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mask_kernel import ao_sparsifier, check_same_mask  # noqa: E402
-from step_overhead import VARIANTS, Variant  # noqa: E402
+from step_overhead import VARIANTS, Variant, build_model  # noqa: E402
 
 from nmsparse_hf.masks import nm_mask  # noqa: E402
 
@@ -121,25 +121,6 @@ def mask_kernel(device: torch.device, shapes, repeats: int, compile: bool) -> li
 
 
 # ---------------------------------------------------------------------------------- 2. train step
-def _vit(hidden: int, layers: int, heads: int, mlp: int, image: int):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    return ViTForImageClassification(
-        ViTConfig(
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=mlp,
-            image_size=image,
-            patch_size=16,
-            num_labels=1000,
-            # set, not inferred on the first loss call (which would recompile a compiled model)
-            problem_type="single_label_classification",
-        )
-    )
-
-
 def _train_step(variant: Variant, step: int, pixels, labels, device, dtype) -> None:
     if variant.sparsifier is not None:
         variant.sparsifier.update(step)
@@ -376,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         torch.set_num_threads(1)
         shapes, repeats, warmup, batch, image = [(64, 128)], 2, 1, 2, 32
-        model_fn = lambda: _vit(64, 1, 2, 128, image)  # noqa: E731
+        model_fn = lambda: build_model(False, None, image, width="tiny")  # noqa: E731
         compiled_names = [] if args.no_compile else ["dense", "MDGF-exp"]
         precision, dtype = "bf16 autocast (CPU)", torch.bfloat16
         print(
@@ -391,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.batch,
             224,
         )  # noqa: E501
-        model_fn = lambda: _vit(768, 12, 12, 3072, image)  # noqa: E731
+        model_fn = lambda: build_model(True, None, image)  # noqa: E731
         compiled_names = [] if args.no_compile else names
         precision, dtype = "bf16 autocast, fp32 master weights", torch.bfloat16
     out = Path(args.out)

@@ -180,13 +180,14 @@ def _unfused_linear_forward(self: torch.nn.Linear, input: torch.Tensor) -> torch
     return F.linear(input, getattr(self, ATTR).effective(self.weight), self.bias)
 
 
-WIDTHS = {"vit-s": (384, 12, 6, 1536), "vit-b": (768, 12, 12, 3072)}
+# hidden, depth, heads, MLP; "tiny" is for smoke runs
+WIDTHS = {"vit-s": (384, 12, 6, 1536), "vit-b": (768, 12, 12, 3072), "tiny": (64, 1, 2, 128)}
 
 
 def build_model(
     vit_b: bool, layers: int | None, image: int, width: str | None = None
 ) -> ViTForImageClassification:
-    """A randomly initialised ViT-S/16 (or ViT-B/16) classifier, seed 0."""
+    """A randomly initialised ViT-S/16 (or ViT-B/16, or ``width``) classifier, seed 0."""
     hidden, depth, heads, mlp = WIDTHS[width or ("vit-b" if vit_b else "vit-s")]
     config = ViTConfig(
         hidden_size=hidden,

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="docs", help="folder for step_scaling.json/.png")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--widths", nargs="+", default=list(WIDTHS), choices=list(WIDTHS))
+    parser.add_argument("--widths", nargs="+", default=["vit-s", "vit-b"], choices=list(WIDTHS))
     parser.add_argument("--width-batch", type=int, default=8)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS)
     parser.add_argument("--pattern", default="2:4")
