@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +119,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def torchrun_command(script, *args: str) -> list[str]:
+    """The command that runs ``script args...`` as two processes on this machine (``torchrun``,
+    rendezvous on a free local port)."""
+    return [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
 
 
 def tiny_training_args(output_dir, **overrides):

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from unittest import mock
@@ -15,7 +14,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
+from conftest import torchrun_command
 from PIL import Image
 
 from nmsparse_hf.data import (
@@ -593,17 +592,8 @@ def test_two_ranks_see_every_streamed_sample_once_per_epoch(shards, tmp_path):
         "HF_DATASETS_OFFLINE": "1",
     }
     steps_per_epoch = 3  # 24 samples / (2 ranks x batch 4)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "tests" / "_data_worker.py"),
+    cmd = torchrun_command(
+        REPO / "tests" / "_data_worker.py",
         "--data_dir",
         str(shards),
         "--out",
@@ -612,7 +602,7 @@ def test_two_ranks_see_every_streamed_sample_once_per_epoch(shards, tmp_path):
         str(steps_per_epoch),
         "--batch_size",
         "4",
-    ]
+    )
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import free_port, tiny_swin, tiny_swinv2, tiny_vit
+from conftest import free_port, tiny_swin, tiny_swinv2, tiny_vit, torchrun_command
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,22 +157,7 @@ def _evidence(out: Path) -> list[dict]:
 
 
 def _torchrun(out: Path, *extra: str) -> float:
-    cmd = [
-        str(BIN / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(WORKER),
-        "fsdp",
-        str(out),
-        "--steps",
-        "8",
-        *extra,
-    ]
-    return _launch(cmd, out)
+    return _launch(torchrun_command(WORKER, "fsdp", str(out), "--steps", "8", *extra), out)
 
 
 def _accelerate_launch(mode: str, out: Path) -> float:

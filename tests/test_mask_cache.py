@@ -246,23 +246,12 @@ def test_real_fsdp2_gradient_accumulation_is_bitwise_the_same(tmp_path):
     import json
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
-    from conftest import free_port
+    from conftest import torchrun_command
 
     worker = Path(__file__).with_name("_mask_cache_worker.py")
-    cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(worker),
-        str(tmp_path),
-    ]
+    cmd = torchrun_command(worker, str(tmp_path))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
