@@ -166,9 +166,7 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 def _plain_cpu(*tensors: torch.Tensor) -> bool:
     """True when every tensor is an ordinary contiguous CPU tensor whose memory may be handed to C
-    (not a subclass, fake, functorch-wrapped or traced tensor)."""
-    if torch.compiler.is_compiling():
-        return False
+    (not a subclass, fake or functorch-wrapped tensor)."""
     for tensor in tensors:
         if (
             type(tensor) not in _PLAIN_TYPES
@@ -186,7 +184,8 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
     (its last dimension), as `nmsparse_hf.masks.nm_mask`; None where the kernel does not apply
     (the caller then takes the ATen path)."""
     if (
-        m not in MASK_GROUP_SIZES
+        torch.compiler.is_compiling()  # first: the checks below are not for a tracer to read
+        or m not in MASK_GROUP_SIZES
         or weight.dtype != torch.float32
         or weight.numel() % m
         or not available()
@@ -210,7 +209,11 @@ def _same_shape_float32(tensor: torch.Tensor, mask: torch.Tensor) -> bool:
 def masked(weight: torch.Tensor, mask: torch.Tensor, alpha: float | torch.Tensor):
     """W ⊙ (m + α(1 − m)) of a float32 ``weight`` as a new float32 tensor, bit for bit the ATen
     path's (α rounded to float32 first, as ATen does); None where the kernel does not apply."""
-    if not _same_shape_float32(weight, mask) or not _plain_cpu(weight, mask):
+    if (
+        torch.compiler.is_compiling()
+        or not _same_shape_float32(weight, mask)
+        or not _plain_cpu(weight, mask)
+    ):
         return None
     if isinstance(alpha, torch.Tensor):
         if alpha.numel() != 1 or not _plain_cpu(alpha):
@@ -228,7 +231,8 @@ def straight_through_(
     ``freeze``; bit for bit the ATen path. False (``grad`` untouched) where the kernel does not
     apply."""
     if (
-        not _same_shape_float32(grad, mask)
+        torch.compiler.is_compiling()
+        or not _same_shape_float32(grad, mask)
         or weight.dtype != torch.float32
         or weight.shape != grad.shape
         or not _plain_cpu(grad, weight, mask)
