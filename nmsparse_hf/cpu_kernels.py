@@ -10,10 +10,11 @@ factor in four, the SR-STE term takes three. `nmsparse_hf/csrc/nm_cpu.c` does ea
 - `straight_through_`: the SR-STE term and the frozen-mask zeroing, in place on a float32 gradient.
 
 Each returns bit for bit what the ATen path returns (NaN, ±inf and ±0 included; the tests compare
-both on every pattern and edge value). Anything else — CUDA, other dtypes, column groups, Conv2d,
-M = 2 or 32, non-contiguous tensors, tensor subclasses, fake tensors, tracing under
-``torch.compile``, a graph recorded for double backward — takes the ATen path, as does everything
-when no compiler is found or ``NMSPARSE_HF_CPU_KERNELS=0`` is set.
+both on every pattern and edge value). Anything else — CUDA, other dtypes, W̃ in an autocast
+dtype, column groups, k×k convolutions, other M (2, 32, 64, ...), non-contiguous tensors, tensor
+subclasses, fake tensors, tracing under ``torch.compile``, a graph recorded for double backward —
+takes the ATen path, as does everything when no compiler is found or ``NMSPARSE_HF_CPU_KERNELS``
+is ``0`` (or ``false``, ``no``, ``off``).
 
 The library is compiled once per machine (``cc -O3 -march=native -ffp-contract=off``, well under a
 second) into ``$NMSPARSE_HF_CACHE`` (default ``~/.cache/nmsparse_hf``), keyed by the source, the
@@ -40,7 +41,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ENV_SWITCH = "NMSPARSE_HF_CPU_KERNELS"  # "0" turns the kernels off
+ENV_SWITCH = "NMSPARSE_HF_CPU_KERNELS"  # "0", "false", "no" or "off" turns the kernels off
 MASK_GROUP_SIZES = (4, 8, 16)  # the M that `nm_mask` has a kernel for
 _FLAG_SETS = (
     ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"],
@@ -61,17 +62,21 @@ def disabled():
         _switched_off = before
 
 
+def _off_by_environment() -> bool:
+    return os.environ.get(ENV_SWITCH, "").strip().lower() in ("0", "false", "no", "off")
+
+
 def available() -> bool:
     """True when the kernels are built and loaded and not switched off: CPU float32 passes use them."""
-    return not _switched_off and os.environ.get(ENV_SWITCH, "1") != "0" and _library() is not None
+    return not _switched_off and not _off_by_environment() and _library() is not None
 
 
 def unavailable_reason() -> str | None:
     """Why the kernels are not in use (switched off, no compiler, a build error), or None."""
     if _switched_off:
         return "switched off by nmsparse_hf.cpu_kernels.disabled()"
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return f"switched off by {ENV_SWITCH}=0"
+    if _off_by_environment():
+        return f"switched off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
     _library()
     return _why_not
 

@@ -214,7 +214,8 @@ def test_no_compiler_and_the_switch_fall_back_to_aten_with_a_reason(tmp_path):
     broken = _probe({"NMSPARSE_HF_CACHE": str(tmp_path), "CC": "/nonexistent/cc"})
     assert not broken["available"] and "/nonexistent/cc" in broken["reason"]
     assert broken["kept"] == 16  # masks still work, through ATen
-    off = _probe({"NMSPARSE_HF_CPU_KERNELS": "0"})
-    assert not off["available"] and "NMSPARSE_HF_CPU_KERNELS=0" in off["reason"]
-    assert off["kept"] == 16
+    for value in ("0", "off"):
+        off = _probe({"NMSPARSE_HF_CPU_KERNELS": value})
+        assert not off["available"] and f"NMSPARSE_HF_CPU_KERNELS={value}" in off["reason"]
+        assert off["kept"] == 16
     assert list(tmp_path.iterdir()) == []
