@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"kept: {heap}"
     )
     header = (
-        f"{'pass':>18} {'cache':>5} {'ATen ms':>8} {'native ms':>9} {'native/ATen':>11} {'IQR':>11}"
+        f"{'pass':>18} {'cache':>5} {'ATen ms':>8} {'native ms':>9} {'native/ATen':>11} "
+        f"{'IQR':>11} {'faults':>6}"
     )
     print(header + "\n" + "-" * len(header))
     results = []
