@@ -32,7 +32,7 @@ from nmsparse_hf.masks import nm_mask
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_overhead import keep_heap  # noqa: E402
 
-PATTERNS = ["1:8", "2:8", "4:8", "7:8", "2:4", "1:4", "2:16", "1:16"]
+PATTERNS = ["1:8", "2:8", "4:8", "7:8", "2:4", "1:4", "2:16", "1:16", "4:32", "8:64"]
 
 
 def passes(weight: torch.Tensor, grad: torch.Tensor):

@@ -4,20 +4,21 @@ On CPU the masking passes are memory-bound chains of ATen ops: the N:M mask alon
 passes over the weight (|W|, group maxima, a comparison, a count, a cast), MDGF's W̃ builds its
 factor in four, the SR-STE term takes three. `nmsparse_hf/csrc/nm_cpu.c` does each in one pass:
 
-- `nm_mask`: the keep-mask of a float32 weight grouped along its last dimension, M = 4, 8 or 16
-  (any N), one group per SIMD vector;
+- `nm_mask`: the keep-mask of a float32 weight grouped along its last dimension: M = 4, 8 or 16
+  (any N), one group per SIMD vector; M = 32 or 64 (N <= 16) by peeling the N largest;
 - `masked`: W̃ = W ⊙ (m + α(1 − m)) of a float32 weight, written as float32;
 - `straight_through_`: the SR-STE term and the frozen-mask zeroing, in place on a float32 gradient.
 
 Each returns bit for bit what the ATen path returns (NaN, ±inf and ±0 included; the tests compare
 both on every pattern and edge value). Anything else — CUDA, other dtypes, W̃ in an autocast
-dtype, column groups, k×k convolutions, other M (2, 32, 64, ...), non-contiguous tensors, tensor
-subclasses, fake tensors, tracing under ``torch.compile``, a graph recorded for double backward —
-takes the ATen path, as does everything when no compiler is found or ``NMSPARSE_HF_CPU_KERNELS``
+dtype, column groups, k×k convolutions, other patterns (M = 2, 128, ...; N > 16 of 32 or 64),
+non-contiguous tensors, tensor subclasses, fake tensors, tracing under ``torch.compile``, a graph
+recorded for double backward — takes the ATen path, as does everything when no compiler is found or ``NMSPARSE_HF_CPU_KERNELS``
 is ``0`` (or ``false``, ``no``, ``off``).
 
-The library is compiled once per machine (``cc -O3 -march=native -ffp-contract=off``, well under a
-second) into ``$NMSPARSE_HF_CACHE`` (default ``~/.cache/nmsparse_hf``), keyed by the source, the
+The library is compiled once per machine (``cc -O3 -march=native -ffp-contract=off``, plus
+``-fopenmp`` where PyTorch runs on GNU OpenMP, so that the loops share PyTorch's threads; well
+under a second) into ``$NMSPARSE_HF_CACHE`` (default ``~/.cache/nmsparse_hf``), keyed by the source, the
 flags and the CPU; several processes building at once each write a private file and rename it.
 """
 
@@ -42,11 +43,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV_SWITCH = "NMSPARSE_HF_CPU_KERNELS"  # "0", "false", "no" or "off" turns the kernels off
-MASK_GROUP_SIZES = (4, 8, 16)  # the M that `nm_mask` has a kernel for
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"],
-    ["-O3", "-ffp-contract=off", "-fPIC", "-shared"],  # compilers without -march=native
-)
+MASK_GROUP_SIZES = (4, 8, 16, 32, 64)  # the M that `nm_mask` has a kernel for
+PEELED_MAX_N = 16  # M = 32 and 64: the kernel peels N maxima, for N up to this
+_BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
 _switched_off = False  # set by `disabled()`
 _why_not: str | None = None  # why the library could not be built or loaded
 
@@ -105,10 +104,30 @@ def _cpu_identity() -> str:
     return platform.machine() + platform.processor() + "\n".join(picked)
 
 
-def _compile(compiler: list[str], source: Path, target: Path) -> str | None:
-    """Build ``source`` into ``target`` (atomically); None on success, else the compiler's error."""
+def _torch_runs_gnu_openmp() -> bool:
+    """True when PyTorch's OpenMP runtime is GNU's ``libgomp.so.1``, already loaded in this process:
+    a library built with ``-fopenmp`` then binds to that same runtime and shares its threads. (With
+    another runtime, e.g. Intel's, a second one would compete for the cores: no OpenMP then.)"""
+    try:
+        ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _flag_sets() -> list[list[str]]:
+    """The compiler flags to try, best first: native code and OpenMP, then without each."""
+    sets = [["-march=native", *_BASE_FLAGS], _BASE_FLAGS]
+    if _torch_runs_gnu_openmp():
+        sets.insert(0, ["-march=native", "-fopenmp", *_BASE_FLAGS])
+    return sets
+
+
+def _compile(compiler: list[str], source: Path, target: Path, flag_sets) -> str | None:
+    """Build ``source`` into ``target`` (atomically) with the first of ``flag_sets`` that works;
+    None on success, else the compiler's errors."""
     errors = []
-    for flags in _FLAG_SETS:
+    for flags in flag_sets:
         fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
@@ -138,8 +157,9 @@ def _library() -> ctypes.CDLL | None:
     if not compiler:
         _not_built("no C compiler found (cc, gcc or $CC)")
         return None
+    flag_sets = _flag_sets()
     key = hashlib.sha256(
-        source_text + repr(_FLAG_SETS).encode() + compiler.encode() + _cpu_identity().encode()
+        source_text + repr(flag_sets).encode() + compiler.encode() + _cpu_identity().encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"nm_cpu-{key}.so"
     try:
@@ -148,7 +168,7 @@ def _library() -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory() as scratch:
                 source = Path(scratch) / "nm_cpu.c"
                 source.write_bytes(source_text)
-                error = _compile(shlex.split(compiler), source, target)
+                error = _compile(shlex.split(compiler), source, target, flag_sets)
             if error is not None:
                 _not_built(f"the CPU kernels did not build with {compiler}: {error}")
                 return None
@@ -184,13 +204,19 @@ def _plain_cpu(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def has_mask_kernel(n: int, m: int) -> bool:
+    """Whether `nm_mask` has a native kernel for the pattern n:m (M = 4, 8, 16 with any N; M = 32
+    and 64 with N up to `PEELED_MAX_N`)."""
+    return m in MASK_GROUP_SIZES and (m <= 16 or n <= PEELED_MAX_N)
+
+
 def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
     """The bool N:M keep-mask of a float32 ``weight`` grouped in runs of ``m`` consecutive entries
     (its last dimension), as `nmsparse_hf.masks.nm_mask`; None where the kernel does not apply
     (the caller then takes the ATen path)."""
     if (
         torch.compiler.is_compiling()  # first: the checks below are not for a tracer to read
-        or m not in MASK_GROUP_SIZES
+        or not has_mask_kernel(n, m)
         or weight.dtype != torch.float32
         or weight.numel() % m
         or not available()

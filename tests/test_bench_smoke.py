@@ -194,5 +194,5 @@ def test_cpu_kernels_bench_runs():
         pytest.skip(f"native CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
     out = run_script("bench/cpu_kernels.py", "--shape", "64", "128", "--rounds", "4")
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("mask", "W~"))]
-    assert len(rows) == 2 * 10 and all(row[-6] in ("cold", "hot") for row in rows), out
+    assert len(rows) == 2 * 12 and all(row[-6] in ("cold", "hot") for row in rows), out
     assert "bit for bit" in out

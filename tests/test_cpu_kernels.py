@@ -48,10 +48,12 @@ def _weights(shape, seed: int):
 
 @pytest.mark.parametrize("m", cpu_kernels.MASK_GROUP_SIZES)
 def test_every_mask_equals_the_aten_path(m):
-    """Every N of M = 4, 8, 16 on tie-free, tie-heavy and NaN/inf/±0/subnormal weights: the same
-    mask as the ATen kernels (themselves checked against a stable-sort oracle in test_masks.py)."""
-    for n in range(1, m):
-        for kind, weight in _weights((48, 96), seed=n * 100 + m):
+    """Every N of M = 4, 8, 16 and N <= 16 of M = 32, 64 (and 5 groups of M, not a multiple of the
+    four groups the long kernel takes at once) on tie-free, tie-heavy and NaN/inf/±0/subnormal
+    weights: the same mask as the ATen kernels (themselves checked against a stable-sort oracle in
+    test_masks.py)."""
+    for n in range(1, min(m, cpu_kernels.PEELED_MAX_N + 1)):
+        for kind, weight in _weights((5, m) if n % 3 == 0 else (48, 192), seed=n * 100 + m):
             native = cpu_kernels.nm_mask(weight, n, m)
             assert native is not None and native.dtype == torch.bool
             with cpu_kernels.disabled():
@@ -72,15 +74,23 @@ def test_mask_of_a_1x1_conv_and_a_row_block_view():
     assert torch.equal(cpu_kernels.nm_mask(rows, 1, 4), expected)
 
 
+def test_long_groups_keep_more_than_16_through_aten():
+    weight = torch.randn(8, 64)
+    assert cpu_kernels.has_mask_kernel(16, 64) and not cpu_kernels.has_mask_kernel(17, 64)
+    assert cpu_kernels.nm_mask(weight, 17, 64) is None
+    assert cpu_kernels.nm_mask(weight, 20, 32) is None
+    assert nm_mask(weight, 17, 64).sum() == 8 * 17
+
+
 @pytest.mark.parametrize(
     "case",
-    ["m=2", "m=32", "float64", "bfloat16", "transposed", "meta", "subclass"],
+    ["m=2", "m=128", "float64", "bfloat16", "transposed", "meta", "subclass"],
 )
 def test_what_the_kernels_refuse_goes_to_aten(case):
     weight = torch.randn(16, 64)
     arguments = {
         "m=2": (weight, 1, 2),
-        "m=32": (weight, 4, 32),
+        "m=128": (torch.randn(16, 128), 4, 128),
         "float64": (weight.double(), 1, 8),
         "bfloat16": (weight.bfloat16(), 1, 8),
         "transposed": (weight.t(), 1, 8),
