@@ -113,12 +113,13 @@ def _eager_nm_mask(weight: torch.Tensor, n: int, m: int, dim: str) -> torch.Tens
     made here (so the kernel may reuse it as scratch). A custom op so that `torch.compile` calls it
     as one node instead of tracing its branches. A float32 weight grouped along its last dimension
     takes the native CPU kernel where there is one (`nmsparse_hf.cpu_kernels`, same result)."""
-    if _group_view(weight, m, dim).shape[2] == 1:  # groups are runs of m consecutive entries
+    source = _group_view(weight, m, dim)
+    if source.shape[2] == 1:  # groups are runs of m consecutive entries
         native = cpu_kernels.nm_mask(weight, n, m)
         if native is not None:
             return native
     groups = _group_view(weight.abs(), m, dim)
-    return _topn_stable(groups, n, source=_group_view(weight, m, dim)).reshape(weight.shape)
+    return _topn_stable(groups, n, source=source).reshape(weight.shape)
 
 
 @_eager_nm_mask.register_fake
