@@ -27,6 +27,7 @@ from .autograd import effective_weight, sparse_linear
 from .config import NMSparsityConfig
 from .errors import NMSparsityError, NMTargetError, NMVerificationError
 from .masks import check_divisible, count_nonzeros, nm_group_nonzeros, nm_mask
+from .names import layers_for_model
 from .schedule import Pattern, SparsitySchedule, StepPlan
 from .targets import SkippedLayer, SparseBlock, TargetLayer, find_targets
 
@@ -686,12 +687,7 @@ def verify_nm(
             layers = {n: block_specs(s, s.target_patterns) for n, s in attached.items()}
             sparse_dim = sparse_dim or next(iter(attached.values())).dim
         elif isinstance(meta, dict):
-            # a checkpoint names its layers twice: as saved on disk and as the saving model's
-            # modules; use the set whose names this model has (they differ across versions)
-            candidates = [meta.get("layers_current"), meta.get("layers")]
-            candidates = [c for c in candidates if isinstance(c, dict) and c]
-            layers = next((c for c in candidates if set(c) <= set(modules)), None)
-            layers = layers or (candidates[0] if candidates else None)
+            layers = layers_for_model(meta, modules)  # on-disk or current names
             sparse_dim = sparse_dim or meta.get("sparse_dim", "row")
     if not layers:
         raise NMVerificationError(

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -38,6 +37,7 @@ from torch import nn
 
 from .config import NMSparsityConfig
 from .errors import NMTargetError
+from .names import checkpoint_names
 
 ALL_LINEAR = "all-linear"
 
@@ -288,50 +288,6 @@ def matches(name: str, patterns: str | list[str] | None) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def saved_keys(model: nn.Module, names: Iterable[str], revert) -> dict[str, list[str]]:
-    """``{module name: the state_dict keys its weight is saved under}`` after ``revert`` (the
-    save-time key conversion, ``transformers.core_model_loading.revert_weight_conversion``).
-
-    Tensors are paired by identity: a rename hands the same tensor object through, so nothing is
-    guessed from names, shapes or values. A weight the conversion transforms rather than renames
-    (a fuse/split converter) gets no key; a plain rename gets exactly one.
-    """
-    state = model.state_dict()
-    saved = revert(model, dict(state))
-    keys_of: dict[int, list[str]] = {}
-    for key, tensor in saved.items():
-        keys_of.setdefault(id(tensor), []).append(key)
-    return {
-        name: keys_of.get(id(state[f"{name}.weight"]), []) if f"{name}.weight" in state else []
-        for name in names
-    }
-
-
-def checkpoint_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
-    """``{current module name: name in the checkpoint files}`` for the given modules whose weight
-    ``save_pretrained`` writes under another name (transformers 5.x reverts module renames such
-    as ``vit.layers.0.mlp.fc1`` -> ``vit.encoder.layer.0.intermediate.dense``).
-
-    Computed with `saved_keys` and transformers' own ``revert_weight_conversion``, only when
-    transformers is already imported and ``model`` is a ``PreTrainedModel``; otherwise, and for
-    weights the conversion transforms rather than renames, nothing is returned.
-    """
-    transformers = sys.modules.get("transformers")
-    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
-        return {}
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-
-        keys = saved_keys(model, names, revert_weight_conversion)
-    except Exception:  # older transformers, or a conversion this model cannot run: no aliases
-        return {}
-    return {
-        name: found[0].removesuffix(".weight")
-        for name, found in keys.items()
-        if len(found) == 1 and found[0].endswith(".weight") and found[0] != f"{name}.weight"
-    }
 
 
 class _Names:

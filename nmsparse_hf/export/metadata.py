@@ -20,16 +20,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from ..config import LOCATIONS, SPARSE_DIMS
-from ..errors import NMCheckpointError, NMSparsityError
-from ..targets import saved_keys
+from ..errors import NMCheckpointError
+from ..names import on_disk_names  # noqa: F401 - the one name map, re-exported here
 
 CONFIG_KEY = "nm_sparsity"
 FORMAT_NAME = "nmsparse_hf"
@@ -361,65 +359,3 @@ def load_sparse_metadata(path: str | os.PathLike) -> SparseCheckpointMetadata:
             f"model with nmsparse_hf.save_sparse_pretrained."
         )
     return SparseCheckpointMetadata.from_dict(data[CONFIG_KEY], str(config))
-
-
-# ---------------------------------------------------------------------------------- names on disk
-def _revert_weight_conversion():
-    """transformers' own save-time renaming (5.x), or None where it does not exist (4.x saves the
-    module names as they are)."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:
-        return None
-    return revert_weight_conversion
-
-
-def on_disk_names(
-    model: nn.Module, names: Iterable[str], save_original_format: bool = True
-) -> dict[str, str]:
-    """Map module names of ``model`` to the names its ``save_pretrained`` checkpoint uses.
-
-    Exact by construction: the model's ``state_dict()`` is passed through the very function
-    ``save_pretrained`` applies before writing (``transformers.core_model_loading.
-    revert_weight_conversion``, which reads the model's conversion mapping, including the one
-    recorded by ``from_pretrained``), and each weight is found in the result by the **identity** of
-    its tensor object. A rename hands the same tensor object through, so nothing is guessed from
-    name patterns, shapes or values. A weight that the conversion transforms rather than renames
-    (a fuse/split converter) has no single name on disk and is an error.
-
-    Args:
-        model: the model to be saved.
-        names: module names (as in ``model.named_modules()``) whose ``weight`` is saved.
-        save_original_format: the same argument of ``save_pretrained``; ``False`` writes the
-            current names, so the mapping is the identity.
-
-    Returns:
-        ``{current module name: on-disk module name}``.
-
-    Raises:
-        NMSparsityError: a name has no ``weight`` in the state_dict, or its weight is not saved
-            under a plain ``<name>.weight`` key.
-    """
-    names = list(names)
-    state = model.state_dict()
-    missing = [n for n in names if f"{n}.weight" not in state]
-    if missing:
-        raise NMSparsityError(
-            f"{missing[0]!r}: no parameter '{missing[0]}.weight' in the state_dict of "
-            f"{type(model).__name__} ({len(missing)} name(s) missing). Pass module names of this "
-            f"model (as in model.named_modules())."
-        )
-    revert = _revert_weight_conversion() if save_original_format else None
-    if revert is None:
-        return {n: n for n in names}
-    out = {}
-    for name, keys in saved_keys(model, names, revert).items():
-        if len(keys) != 1 or not keys[0].endswith(".weight"):
-            found = f"under {keys}" if keys else "transformed (not a plain rename)"
-            raise NMSparsityError(
-                f"{name}.weight: save_pretrained writes this weight {found}, so its N:M layout "
-                f"cannot be recorded by name. Save with save_original_format=False (the current "
-                f"names), or exclude this layer from sparsity."
-            )
-        out[name] = keys[0].removesuffix(".weight")
-    return out

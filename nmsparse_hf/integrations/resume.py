@@ -3,29 +3,25 @@ issue 43701: the stock Trainer loads them non-strictly and silently restarts fro
 
 from __future__ import annotations
 
-import os
-
 import torch
 from transformers import PreTrainedModel
 from transformers.utils import logging
+
+from ..names import stored_under_other_names
 
 logger = logging.get_logger(__name__)
 
 
 def _checkpoint_keys(path: str) -> set[str] | None:
-    import json
+    """The tensor names of the weight files ``from_pretrained`` loads from ``path``, or None when
+    it holds no safetensors weights."""
+    from ..errors import NMCheckpointError
+    from ..export.weights import WeightFiles
 
-    from safetensors import safe_open
-
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        with safe_open(single, framework="pt") as fh:
-            return set(fh.keys())
-    if os.path.isfile(index):
-        with open(index) as fh:
-            return set(json.load(fh)["weight_map"])
-    return None
+    try:
+        return set(WeightFiles(path).file_of)
+    except NMCheckpointError:
+        return None
 
 
 def _dtype_of(model: torch.nn.Module) -> torch.dtype:
@@ -46,7 +42,7 @@ def reload_if_keys_missing(target: torch.nn.Module, checkpoint: str) -> bool:
     if not isinstance(target, PreTrainedModel):
         return False
     on_disk = _checkpoint_keys(checkpoint)
-    if on_disk is None or set(target.state_dict()) <= on_disk:
+    if on_disk is None or not stored_under_other_names(target, on_disk):
         return False
     logger.warning(
         f"nmsparse_hf: {checkpoint} stores weights under other module names than "
