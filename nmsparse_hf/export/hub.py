@@ -31,6 +31,22 @@ PROCESSOR_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# Files of an earlier upload to the same repository that a model push replaces: weights in any
+# format, their indices, and Trainer checkpoints (dense master weights). Deleted in the push's
+# own commit unless re-uploaded, so no stale dense file stays under the sparse model's name.
+STALE_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.bin",
+    "*.bin.index.json",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.h5",
+    "*.msgpack",
+    "last-checkpoint/*",
+    "checkpoint-*/*",
+)
 
 
 def upload_files(folder: str | os.PathLike) -> list[str]:
@@ -57,12 +73,15 @@ def push_sparse_to_hub(
     create_pr: bool = False,
     blocking: bool = True,
     api: Any = None,
+    delete_stale: bool = True,
 ):
     """Upload a sparse checkpoint directory to the Hugging Face Hub, whoever wrote it.
 
     Verifies the checkpoint first (`verify_checkpoint`: a failing or unreadable one is not
     pushed), creates the model repo if needed (``exist_ok``) and uploads, in one commit, the
     files `upload_files` lists: the model with its processor or tokenizer files, nothing else.
+    The same commit deletes the repository's other weight files and Trainer checkpoint folders
+    (`STALE_PATTERNS`), so an earlier dense upload cannot outlive the sparse model.
 
     Args:
         folder: the checkpoint directory.
@@ -70,6 +89,7 @@ def push_sparse_to_hub(
         token, private, revision, commit_message, create_pr: as in ``HfApi``.
         blocking: ``False`` returns a future (``run_as_future``) instead of waiting.
         api: an ``HfApi`` to use (default: a new one with ``token``).
+        delete_stale: delete the stale files of `STALE_PATTERNS` in the same commit.
 
     Returns:
         What ``upload_folder`` returns (a ``CommitInfo``, or a future when not ``blocking``).
@@ -94,5 +114,6 @@ def push_sparse_to_hub(
         commit_message=commit_message or "Upload N:M-sparse model (nmsparse_hf)",
         revision=revision,
         create_pr=create_pr,
+        delete_patterns=list(STALE_PATTERNS) if delete_stale else None,
         **extra,
     )
