@@ -2,8 +2,8 @@
 
 The layout follows the job each part does:
 
-* the core (`config`, `masks`, `schedule`, `autograd`, `targets`, `sparsifier`) imports no
-  transformers and works in any PyTorch loop;
+* the core (`config`, `masks`, `schedule`, `autograd`, `targets`, `sparsifier`, `one_shot`)
+  imports no transformers and works in any PyTorch loop;
 * `integrations`: `SparseTrainingArguments`, `NMSparsityCallback`, `NMSparseTrainer`;
 * `export`: the one sparse-checkpoint save path, its metadata, verify, model card, Hub push;
 * `data`: image datasets, transforms, collators and metrics of the recipes;
@@ -24,6 +24,7 @@ from .autograd import EffectiveWeight, effective_weight
 from .config import NMSparsityConfig
 from .errors import NMSparsityConfigError, NMSparsityError, NMTargetError, NMVerificationError
 from .masks import is_nm, nm_mask
+from .one_shot import OneShotReport, one_shot
 from .schedule import SparsitySchedule, StepPlan
 from .sparsifier import NMSparsifier, VerificationReport, verify_nm
 from .targets import find_targets
@@ -74,6 +75,7 @@ __all__ = [
     "NMSparsityError",
     "NMTargetError",
     "NMVerificationError",
+    "OneShotReport",
     "SparseTrainingArguments",
     "SparsitySchedule",
     "StepPlan",
@@ -84,6 +86,7 @@ __all__ = [
     "is_nm",
     "load_sparse_metadata",
     "nm_mask",
+    "one_shot",
     "push_sparse_to_hub",
     "save_sparse_pretrained",
     "verify_checkpoint",

@@ -15,6 +15,11 @@
         ``model_name_or_path`` of a recipe config; the family's default-size model with
         ``--model-type`` when the config names none) on the meta device (no weights, no memory) and
         list which layers the config makes sparse, with their patterns, and which it skips.
+    nmsparse prune MODEL OUT --method magnitude|wanda|sparsegpt [--calibration-file FILE]
+                   [--n-keep N --m M --sparsity-loc LOCS | --config YAML]
+                   [--calibration-samples K] [--max-length L] [--batch-size B] [--device D]
+        One-shot N:M pruning of a pretrained model and its tokenizer (`one_shot`), saved as a
+        verified sparse checkpoint (`save_sparse_pretrained`).
 
 CONFIG is a YAML file with our keys or the seed's, flat or under a ``sparsity:`` section; a recipe
 config's training keys are passed over; other unknown keys are an error unless
@@ -431,6 +436,168 @@ def _push(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------- prune
+def _calibration_texts(path: str, limit: int) -> list[str]:
+    """The first ``limit`` samples of a calibration file: JSON lines with a ``text`` field
+    (``.jsonl``/``.json``), else plain text with one sample per line; empty lines are skipped."""
+    file = Path(path)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NMSparsityError(
+            f"--calibration-file {path}: cannot read it as text ({exc})."
+        ) from None
+    as_json = file.suffix in (".jsonl", ".json")
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if as_json:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise NMSparsityError(f"{path}:{number}: not a JSON line ({exc.msg}).") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise NMSparsityError(
+                    f"{path}:{number}: a JSON line needs a string 'text' field (one sample per "
+                    f"line)."
+                )
+            line = record["text"]
+        texts.append(line)
+        if len(texts) == limit:
+            break
+    if not texts:
+        raise NMSparsityError(f"--calibration-file {path}: holds no text sample.")
+    return texts
+
+
+def _prune_config(args: argparse.Namespace) -> NMSparsityConfig:
+    """The config of ``--config`` (if any) with the pattern flags given on the command line."""
+    data = _load_config(args.config, args.ignore_unknown).to_dict() if args.config else {}
+    flags = {
+        "n_keep": args.n_keep,
+        "m": args.m,
+        "n_keep_qkv": args.n_keep_qkv,
+        "m_qkv": args.m_qkv,
+        "locations": args.sparsity_loc,
+        "sparse_dim": args.sparse_dim,
+    }
+    data.update({key: value for key, value in flags.items() if value is not None})
+    return NMSparsityConfig.from_dict(data)
+
+
+def _load_pretrained(path: str, device: str | None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a local directory or Hub id: the model class from the config's
+    ``architectures`` (causal LM, sequence classification, else the named class, else
+    ``AutoModel``)."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    arch = (config.architectures or [""])[0]
+    if arch.endswith("ForCausalLM"):
+        cls = transformers.AutoModelForCausalLM
+    elif arch.endswith("ForSequenceClassification"):
+        cls = transformers.AutoModelForSequenceClassification
+    else:
+        cls = getattr(transformers, arch, None) or transformers.AutoModel
+    model = cls.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model, tokenizer
+
+
+def _calibration_batches(model, tokenizer, texts: list[str], max_length: int, batch_size: int):
+    """Tokenized calibration batches with the inputs ``model.forward`` names (an
+    encoder-decoder's decoder reads the same tokens)."""
+    import inspect
+
+    if batch_size > 1 and tokenizer.pad_token is None:
+        raise NMSparsityError(
+            f"--batch-size {batch_size}: the tokenizer has no pad token to pad a batch with. "
+            f"Use --batch-size 1."
+        )
+    accepted = set(inspect.signature(model.forward).parameters)
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        encoded = tokenizer(
+            chunk, return_tensors="pt", truncation=True, max_length=max_length, padding=True
+        )
+        batch = {k: v for k, v in encoded.items() if k in accepted}
+        if getattr(model.config, "is_encoder_decoder", False):
+            batch["decoder_input_ids"] = batch["input_ids"]
+            batch["decoder_attention_mask"] = batch["attention_mask"]
+        if batch["input_ids"].shape[-1]:
+            batches.append(batch)
+    return batches
+
+
+def _check_output_dir(path: str, overwrite: bool) -> None:
+    """Refuse, before any work, an output that save_sparse_pretrained would refuse."""
+    from .export.metadata import MANIFEST
+
+    folder = Path(path)
+    if folder.is_file():
+        raise NMSparsityError(f"OUT = {path!r} is a file. Pass a directory.")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MANIFEST).is_file():
+        if not overwrite:
+            raise NMSparsityError(
+                f"OUT = {path!r} holds files not written by nmsparse_hf. Choose an empty "
+                f"directory, or pass --overwrite."
+            )
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from .errors import NMVerificationError
+    from .export import save_sparse_pretrained
+    from .one_shot import finalized_sparsifier, one_shot
+
+    try:
+        config = _prune_config(args)
+        _check_output_dir(args.output_dir, args.overwrite)
+        if args.calibration_samples < 1 or args.max_length < 1 or args.batch_size < 1:
+            raise NMSparsityError(
+                "--calibration-samples, --max-length and --batch-size must be at least 1."
+            )
+        texts = None
+        if args.calibration_file:
+            texts = _calibration_texts(args.calibration_file, args.calibration_samples)
+        model, tokenizer = _load_pretrained(args.model, args.device)
+        calibration = None
+        if texts is not None:
+            calibration = _calibration_batches(
+                model, tokenizer, texts, args.max_length, args.batch_size
+            )
+        report = one_shot(model, config, args.method, calibration)
+    except (ValueError, OSError) as exc:  # ours (NMSparsityError) and transformers' load errors
+        print(f"nmsparse prune: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    print(report)
+    sparsifier = finalized_sparsifier(model, config)
+    try:
+        save_sparse_pretrained(
+            model,
+            sparsifier,
+            args.output_dir,
+            processing_class=tokenizer,
+            overwrite=args.overwrite,
+            card={"base_model": args.model, "tags": ["one-shot", f"one-shot-{args.method}"]},
+        )
+    except NMVerificationError as exc:
+        print(f"nmsparse prune: the output does not verify: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAIL
+    except (NMSparsityError, OSError) as exc:
+        print(
+            f"nmsparse prune: cannot save to {args.output_dir}: {_one_line(exc)}", file=sys.stderr
+        )
+        return EXIT_UNREADABLE
+    finally:
+        sparsifier.detach()
+    print(f"saved a verified {args.method} one-shot N:M checkpoint to {args.output_dir}")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------------- entry point
 def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     """Add ``--a-b`` with its ``--a_b`` spelling too (multi-word options take both)."""
@@ -503,6 +670,35 @@ def _add_report(sub) -> None:
     report.set_defaults(func=_report)
 
 
+def _add_prune(sub) -> None:
+    prune = sub.add_parser(
+        "prune", help="one-shot N:M pruning of a pretrained model (magnitude, Wanda, SparseGPT)"
+    )
+    prune.add_argument("model", help="pretrained model: a local directory or a Hub id")
+    prune.add_argument("output_dir", metavar="OUT", help="directory of the sparse checkpoint")
+    _option(prune, "method", choices=["magnitude", "wanda", "sparsegpt"], default="magnitude")
+    _option(
+        prune,
+        "calibration-file",
+        default=None,
+        help="calibration text: one sample per line, or JSON lines with a 'text' field (.jsonl)",
+    )
+    _option(prune, "calibration-samples", type=int, default=128, help="samples used (default 128)")
+    _option(prune, "max-length", type=int, default=512, help="tokens per sample (default 512)")
+    _option(prune, "batch-size", type=int, default=1, help="samples per forward (default 1)")
+    _option(prune, "config", default=None, help="YAML with the sparsity settings")
+    _option(prune, "n-keep", type=int, default=None, help="N kept in each group (FF, O)")
+    _option(prune, "m", type=int, default=None, help="group length M (FF, O)")
+    _option(prune, "n-keep-qkv", type=int, default=None, help="N for Q, K, V")
+    _option(prune, "m-qkv", type=int, default=None, help="M for Q, K, V")
+    _option(prune, "sparsity-loc", default=None, help="sparse locations, e.g. FF,QKV,O")
+    _option(prune, "sparse-dim", default=None, help="row (default)")
+    _option(prune, "device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    _option(prune, "overwrite", action="store_true", help="write into a non-empty OUT")
+    _ignore_unknown(prune)
+    prune.set_defaults(func=_prune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``nmsparse`` command."""
     from . import __version__
@@ -516,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(sub)
     _add_schedule(sub)
     _add_report(sub)
+    _add_prune(sub)
     return parser
 
 
