@@ -18,6 +18,7 @@ CORE = {
     "autograd",
     "targets",
     "sparsifier",
+    "one_shot",
 }
 # layer -> the top-level parts of nmsparse_hf it may import (docs/ARCHITECTURE.md)
 ALLOWED = {
