@@ -143,12 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         torch._dynamo.config.cache_size_limit = 64  # one graph per (shape, N, M)
         compiled = torch.compile(nm_mask, fullgraph=True, dynamic=False)
     torch.manual_seed(0)
-    from nmsparse_hf import cpu_kernels
-
-    kernels = "on" if cpu_kernels.available() else f"off ({cpu_kernels.unavailable_reason()})"
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}, "
-        f"native CPU kernels: {kernels}"
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}"
     )
     print("baseline elementwise pass: w.abs() (reads w, writes a new fp32 tensor)")
     header = (

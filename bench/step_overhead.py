@@ -70,7 +70,6 @@ import torch._dynamo
 import torch.nn.functional as F
 from transformers import ViTConfig, ViTForImageClassification
 
-from nmsparse_hf import cpu_kernels
 from nmsparse_hf.config import NMSparsityConfig
 from nmsparse_hf.sparsifier import ATTR, NMSparsifier
 from nmsparse_hf.targets import find_targets
@@ -591,12 +590,6 @@ def main(argv: list[str] | None = None) -> dict:
         default=0.0,
         help="fraction of the schedule at which the timed steps start (SDGF's later stages)",
     )
-    parser.add_argument(
-        "--aten",
-        action="store_true",
-        help="run the library's passes through ATen only, without the native CPU kernels "
-        "(nmsparse_hf.cpu_kernels), to compare",
-    )
     parser.add_argument("--json", default=None, help="also write the summary to this JSON file")
     parser.add_argument(
         "--profile",
@@ -624,14 +617,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     heap = "system malloc" if args.system_malloc else f"heap kept: {keep_heap()}"
-    with cpu_kernels.disabled() if args.aten else contextlib.nullcontext():
-        kernels = "native CPU kernels: " + (
-            "on" if cpu_kernels.available() else f"off ({cpu_kernels.unavailable_reason()})"
-        )
-        return _measure(args, heap, kernels)
+    return _measure(args, heap)
 
 
-def _measure(args: argparse.Namespace, heap: str, kernels: str) -> dict:
+def _measure(args: argparse.Namespace, heap: str) -> dict:
     if args.compile:
         # every variant is a copy of the same classes, so they share dynamo's per-code cache; in a
         # real run one model compiles once per distinct phase/pattern (see tests/test_sparsifier)
@@ -647,7 +636,7 @@ def _measure(args: argparse.Namespace, heap: str, kernels: str) -> dict:
         + f" FF {args.pattern} row, torch {torch.__version__}, threads "
         f"{torch.get_num_threads()}, {args.warmup} warm-up + {args.repeats} timed rounds, "
         f"round-robin"
-        + f", {heap}, {kernels}"
+        + f", {heap}"
         + (", UNFUSED sparse Linear (F.linear on W~)" if args.unfused else "")
         + (", torch.compile (inductor)" if args.compile else "")
     )
@@ -691,7 +680,6 @@ def _measure(args: argparse.Namespace, heap: str, kernels: str) -> dict:
         "compile": args.compile,
         "torch": torch.__version__,
         "heap": heap,
-        "kernels": kernels,
         "variants": summary,
     }
     if args.json:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernels
-
 # The passes below take the bool mask as 0/1 bytes (``mask.view(torch.int8/uint8)``): on CPU a
 # bool operand costs a slow cast (``w * mask`` about 7x ``w * mask.view(torch.uint8)``, and
 # ``torch.where``/``masked_fill`` about 10x a vectorized pass), while a byte operand is read as is.
@@ -69,10 +67,6 @@ def _masked(
     dtype = dtype or weight.dtype
     if torch.finfo(dtype).bits > torch.finfo(weight.dtype).bits:
         return _masked(weight, mask, alpha).to(dtype)  # W̃ is rounded to W's dtype first
-    if dtype == weight.dtype and not _recording(weight):
-        native = cpu_kernels.masked(weight, mask, alpha)
-        if native is not None:
-            return native
     if not isinstance(alpha, torch.Tensor) and alpha == 0:
         factor = mask.view(torch.uint8)
     else:
@@ -99,8 +93,6 @@ def _straight_through(
         if srste_lambda:
             grad = grad + srste_lambda * weight.masked_fill(mask, 0)
         return grad.masked_fill(~mask, 0) if freeze_pruned else grad
-    if in_place and cpu_kernels.straight_through_(grad, weight, mask, srste_lambda, freeze_pruned):
-        return grad
     if srste_lambda:
         decay = _zero_where(weight * srste_lambda, mask, True)
         grad = grad.add_(decay) if in_place else grad + decay

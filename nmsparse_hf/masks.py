@@ -16,7 +16,6 @@ import functools
 
 import torch
 
-from . import cpu_kernels
 from .errors import NMSparsityError
 
 GROUP_DIMS = ("row", "col")
@@ -111,13 +110,8 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: str = "row") -> torch.Ten
 def _eager_nm_mask(weight: torch.Tensor, n: int, m: int, dim: str) -> torch.Tensor:
     """The mask of a float32/64 ``weight`` by the eager kernel (`_topn_stable`), on ``|weight|``
     made here (so the kernel may reuse it as scratch). A custom op so that `torch.compile` calls it
-    as one node instead of tracing its branches. A float32 weight grouped along its last dimension
-    takes the native CPU kernel where there is one (`nmsparse_hf.cpu_kernels`, same result)."""
+    as one node instead of tracing its branches."""
     source = _group_view(weight, m, dim)
-    if source.shape[2] == 1:  # groups are runs of m consecutive entries
-        native = cpu_kernels.nm_mask(weight, n, m)
-        if native is not None:
-            return native
     groups = _group_view(weight.abs(), m, dim)
     return _topn_stable(groups, n, source=source).reshape(weight.shape)
 

@@ -4,8 +4,8 @@
 
 Trains two FSDP2 copies of one tiny ViT (N:M on FF, Q, K, V; SR-STE) with gradient accumulation,
 3 optimizer steps of 3 micro-batches: ``cached`` calls ``update(step)`` once per optimizer step
-(the micro-steps share one mask per layer), ``uncached`` calls it before every micro-batch (every
-forward computes its masks). Each rank writes ``rank{r}.json``: how many masks each copy computed,
+(the micro-steps share one mask per layer), ``uncached`` also drops the cached masks before every
+micro-batch (every forward computes its masks). Each rank writes ``rank{r}.json``: how many masks each copy computed,
 and whether every parameter shard and gradient shard of the two copies is bitwise equal.
 """
 
@@ -37,7 +37,7 @@ def main(out: str) -> None:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    calls = {"now": None, "cached": 0, "uncached": 0}
+    calls = {"now": "setup", "setup": 0, "cached": 0, "uncached": 0}
     real = sparsifier_module.nm_mask
 
     def counting(weight, n, m, dim="row"):
@@ -66,8 +66,9 @@ def main(out: str) -> None:
             calls["now"] = name
             sparsifier.update(step)
             for x, y in batches:
-                if name == "uncached":
-                    sparsifier.update(step)
+                if name == "uncached":  # drop the cached mask: this forward computes its own
+                    for state in sparsifier.layers.values():
+                        state.cached_mask = None
                 (model(pixel_values=x, labels=y).loss / MICRO).backward()
             grads[name] = {
                 n: _local(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None

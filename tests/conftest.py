@@ -88,21 +88,6 @@ def tiny_timm_vit(seed: int = 0):
     )
 
 
-@pytest.fixture(params=["native", "aten"])
-def pass_path(request):
-    """Run a test once through the native CPU kernels and once through the ATen path (the
-    kernels take only CPU float32 tensors; everything else is ATen either way)."""
-    from nmsparse_hf import cpu_kernels
-
-    if request.param == "aten":
-        with cpu_kernels.disabled():
-            yield "aten"
-        return
-    if not cpu_kernels.available():
-        pytest.skip(f"native CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
-    yield "native"
-
-
 @pytest.fixture
 def vit():
     return tiny_vit()

@@ -12,7 +12,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nmsparse_hf"
 CORE = {
     "errors",
     "config",
-    "cpu_kernels",
     "masks",
     "schedule",
     "autograd",

@@ -82,24 +82,6 @@ def test_step_overhead_profile_and_json(tmp_path):
     ste = result["variants"]["STE"]
     assert len(ste["rounds"]) == 2 and "over_authors_overhead" in ste
     assert ste["saved_over_dense"] > 1  # the bool masks
-    assert result["kernels"].startswith("native CPU kernels: ")
-
-
-@pytest.mark.slow
-def test_step_overhead_can_run_without_the_native_kernels(tmp_path):
-    run_script(
-        "bench/step_overhead.py",
-        *TINY_STEP,
-        "--batch",
-        "1",
-        "--recipes",
-        "STE",
-        "--aten",
-        "--json",
-        str(tmp_path / "so.json"),
-    )
-    result = json.loads((tmp_path / "so.json").read_text())
-    assert "off (switched off by nmsparse_hf.cpu_kernels.disabled())" in result["kernels"]
 
 
 @pytest.mark.slow
@@ -184,15 +166,3 @@ def test_authors_baseline_is_the_same_n_m_masking():
         (g,) = torch.autograd.grad(module.ArgsortMasked.apply(weight, n, m, lam), weight, grad)
         keep = nm_mask(weight, n, m)
         assert torch.equal(g, grad + lam * weight.detach() * (~keep))
-
-
-@pytest.mark.slow
-def test_cpu_kernels_bench_runs():
-    from nmsparse_hf import cpu_kernels
-
-    if not cpu_kernels.available():
-        pytest.skip(f"native CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
-    out = run_script("bench/cpu_kernels.py", "--shape", "64", "128", "--rounds", "4")
-    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("mask", "W~"))]
-    assert len(rows) == 2 * 12 and all(row[-6] in ("cold", "hot") for row in rows), out
-    assert "bit for bit" in out

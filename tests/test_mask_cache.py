@@ -2,7 +2,7 @@
 
 The micro-steps of one optimizer step (gradient accumulation) see the same weights, so they share
 one mask. The cache is keyed by the weight's storage address, layout and autograd version counter
-and cleared by every `NMSparsifier.update(step)`. These tests pin what invalidates it (a new step,
+and cleared when `NMSparsifier.update(step)` moves to another step. These tests pin what invalidates it (a new step,
 an in-place change, a replaced tensor, a moved model) and that training with it is bitwise the
 training without it; and they pin the one thing the key cannot see, a rewrite that keeps the
 version counter (FSDP2's all-gather into the unsharded parameter does that), which is safe because
@@ -55,7 +55,7 @@ def _accumulate(model, sparsifier, step, batches, update_every_micro_step=False)
     sparsifier.update(step)
     for x, y in batches:
         if update_every_micro_step:
-            sparsifier.update(step)  # clears the cache: the mask is recomputed
+            sparsifier.update(step)  # the same step again: the cached mask is kept
         model(pixel_values=x, labels=y).loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -79,7 +79,7 @@ def test_one_mask_per_step_and_bitwise_the_same_training(recipe, mask_calls):
     blocks = sum(len(t.blocks) for t in sp.targets)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ref_optimizer = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    for step in range(3):
+    for step in range(1, 4):  # (the constructor's update(0) computed step 0's masks)
         before = len(mask_calls)
         grads = _accumulate(model, sp, step, _micro_batches())
         assert len(mask_calls) - before == blocks  # 3 micro-steps, one mask per block
@@ -188,8 +188,8 @@ def test_fsdp2_style_regather_after_an_optimizer_step_is_caught_by_the_step(mask
     key = sparsifier_module._mask_key(fc1.weight)
     _fsdp2_style_regather(fc1.weight, fc1.weight.detach().flip(1).clone())  # "after opt.step()"
     assert sparsifier_module._mask_key(fc1.weight)[1:] == key[1:]  # version and layout kept
-    sp.update(3)  # the next optimizer step's forwards begin here (the Trainer's callback)
     calls = len(mask_calls)
+    sp.update(3)  # the next optimizer step's forwards begin here (the Trainer's callback)
     _forward(model)
     assert len(mask_calls) > calls
     assert torch.equal(sp.layers[FC1].cached_mask[1], _fresh_mask(sp))
@@ -232,9 +232,10 @@ def test_trainer_with_gradient_accumulation_computes_one_mask_per_step(tmp_path,
     trainer = NMSparseTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages(32))
     trainer.train()
     layers = sum(len(t.blocks) for t in trainer.sparsifier.targets)
-    # one mask per block per optimizer step, plus finalize's target masks (a mask per forward
-    # would be 4 x 3 per block, plus finalize's)
-    assert len(mask_calls) == (4 + 1) * layers
+    # one mask per block per optimizer step, plus the plan after the last step (what an
+    # evaluation there would use) and finalize's target masks (a mask per forward would be
+    # 4 x 3 per block, plus finalize's)
+    assert len(mask_calls) == (4 + 2) * layers
 
 
 @pytest.mark.multiprocess

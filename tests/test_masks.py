@@ -41,7 +41,7 @@ def _oracle_row(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- hand-computed masks
-def test_row_2_4_hand_computed(pass_path):
+def test_row_2_4_hand_computed():
     w = torch.tensor(
         [
             [0.1, -0.9, 0.5, 0.3, 2.0, -1.0, 0.0, 1.5],
@@ -112,7 +112,7 @@ def test_conv_col_groups_along_output_channels():
     assert torch.equal(nm_mask(w, 2, 4, "col"), expected)
 
 
-def test_row_1_8_hand_computed_with_ties(pass_path):
+def test_row_1_8_hand_computed_with_ties():
     w = torch.full((2, 16), 0.1)
     w[0, 5] = -3.0  # row 0, group 0: the one large magnitude is negative
     w[0, 8:] = torch.arange(1.0, 9.0)  # row 0, group 1: 1..8 -> keep the last
@@ -148,13 +148,13 @@ def test_row_8_64_hand_computed():
     assert torch.equal(nm_mask(w, 8, 64), expected)
 
 
-def test_negative_values_use_magnitude(pass_path):
+def test_negative_values_use_magnitude():
     w = torch.tensor([[-4.0, 1.0, -3.0, 2.0]])
     assert torch.equal(nm_mask(w, 2, 4), _mask([[T, F, T, F]]))
     assert torch.equal(nm_mask(-w, 2, 4), _mask([[T, F, T, F]]))
 
 
-def test_groups_never_cross_rows(pass_path):
+def test_groups_never_cross_rows():
     # all large values sit in row 0; each row still keeps exactly 2 of its own 4
     w = torch.tensor([[10.0, 20.0, 30.0, 40.0], [1.0, 2.0, 3.0, 4.0]])
     assert torch.equal(nm_mask(w, 2, 4), _mask([[F, F, T, T], [F, F, T, T]]))
@@ -171,7 +171,7 @@ def test_m_that_does_not_divide_the_row_is_an_error_not_a_cross_row_group():
 
 
 # ----------------------------------------------------------------------------- ties / determinism
-def test_ties_break_to_lower_index(pass_path):
+def test_ties_break_to_lower_index():
     w = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, -2.0, 2.0, 2.0]])
     assert torch.equal(nm_mask(w, 2, 4), _mask([[T, T, F, F, F, T, T, F]]))
     assert torch.equal(nm_mask(w, 1, 4), _mask([[T, F, F, F, F, T, F, F]]))
@@ -226,7 +226,7 @@ def test_conv_masks_match_the_linear_mask_of_each_kernel_position():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_weights_give_the_fp32_mask(dtype, pass_path):
+def test_low_precision_weights_give_the_fp32_mask(dtype):
     g = torch.Generator().manual_seed(4)
     w = torch.randn(64, 128, generator=g).to(dtype)
     for n, m in ((2, 4), (1, 8), (8, 64)):
@@ -243,7 +243,7 @@ def test_mask_is_detached_and_has_no_grad():
 # ----------------------------------------------------------------------------- random ViT shapes
 @pytest.mark.parametrize("shape", [(192, 384), (384, 192), (576, 192), (64, 64, 3, 3)], ids=str)
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (1, 8), (4, 8), (1, 16), (1, 32), (8, 64)])
-def test_exactly_n_largest_per_group_on_vit_shapes(shape, n, m, pass_path):
+def test_exactly_n_largest_per_group_on_vit_shapes(shape, n, m):
     g = torch.Generator().manual_seed(n * 100 + m)
     w = torch.randn(shape, generator=g)
     mask = nm_mask(w, n, m, "row")
@@ -258,7 +258,7 @@ def test_exactly_n_largest_per_group_on_vit_shapes(shape, n, m, pass_path):
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (1, 32)])
-def test_exactly_n_per_group_with_heavy_ties(n, m, pass_path):
+def test_exactly_n_per_group_with_heavy_ties(n, m):
     g = torch.Generator().manual_seed(5)
     w = torch.randint(-1, 2, (96, 192), generator=g).float()  # only -1, 0, 1
     for dim in ("row", "col"):
@@ -345,7 +345,7 @@ def test_is_nm_col_and_masked_weights():
 # NaN/inf, and the compiled path (what a torch.compile'd model runs)
 
 
-def test_nan_and_inf_rank_above_every_finite_weight_and_still_keep_exactly_n(pass_path):
+def test_nan_and_inf_rank_above_every_finite_weight_and_still_keep_exactly_n():
     nan, inf = float("nan"), float("inf")
     weight = torch.tensor(
         [
@@ -460,7 +460,7 @@ PEELED_AND_FALLBACK = [
 
 @pytest.mark.parametrize(("n", "m"), PEELED_AND_FALLBACK)
 @pytest.mark.parametrize("kind", ["random", "ties", "special"])
-def test_every_pattern_equals_the_sorting_oracle(n, m, kind, pass_path):
+def test_every_pattern_equals_the_sorting_oracle(n, m, kind):
     """Every kernel path (2:4 network, max-pool, peeled maxima, topk fallback for n - 1 > 8,
     n = m - 1) against the stable-sort oracle, on tie-free, tie-heavy (-1/0/1, zeros) and
     NaN/inf weights, row and col, Linear and Conv2d shapes."""
@@ -481,13 +481,12 @@ def test_every_pattern_equals_the_sorting_oracle(n, m, kind, pass_path):
 def test_tie_free_weights_never_take_the_exact_tie_path(n, m, monkeypatch):
     """The thresholds are exact where no group has a tie: the slow per-row tie-breaking is not
     needed (and would be a silent slowdown, not a wrong mask, so it is checked here)."""
-    from nmsparse_hf import cpu_kernels, masks
+    from nmsparse_hf import masks
 
     def no_tie_path(rows, n):
         raise AssertionError(f"{rows.shape[0]} groups sent to the tie path")
 
     monkeypatch.setattr(masks, "_topn_stable_rows", no_tie_path)
-    monkeypatch.setattr(cpu_kernels, "_switched_off", True)  # the ATen kernels are under test
     weight = torch.randn(192, 384, generator=torch.Generator().manual_seed(n + m))
     for dim in ("row", "col"):
         assert torch.equal(nm_mask(weight, n, m, dim), _oracle_any(weight, n, m, dim))

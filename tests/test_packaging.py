@@ -19,7 +19,6 @@ PACKAGE_DATA = [
     "nmsparse_hf/data/metric_scripts/accuracy.py",
     "nmsparse_hf/data/metric_scripts/top5_accuracy.py",
     "nmsparse_hf/export/templates/model_card.md",
-    "nmsparse_hf/csrc/nm_cpu.c",
 ]
 
 
@@ -69,14 +68,11 @@ def test_installed_wheel_reads_its_configs(wheel, tmp_path):
         "print(sorted(p.name for p in configs.iterdir() if p.name.endswith('.yaml')))\n"
         "print(resources.files('nmsparse_hf.export').joinpath('templates', 'model_card.md')"
         ".read_text()[:0] + 'card ok')\n"
-        "from nmsparse_hf import cpu_kernels\n"
-        "print('kernels', cpu_kernels.available() or cpu_kernels.unavailable_reason())\n"
         "from nmsparse_hf.cli import main\n"
         "sys.exit(main(['schedule', str(configs.joinpath('vit_digits.yaml')), "
         "'--total-steps', '100']))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
-    env["NMSPARSE_HF_CACHE"] = str(tmp_path / "kernels")
     result = subprocess.run(
         [sys.executable, "-c", code, str(site)],
         capture_output=True,
@@ -89,7 +85,4 @@ def test_installed_wheel_reads_its_configs(wheel, tmp_path):
     lines = result.stdout.splitlines()
     assert "'vit_digits.yaml'" in lines[0] and "'swin_digits.yaml'" in lines[0]
     assert lines[1] == "card ok"
-    if shutil.which("cc") or shutil.which("gcc"):  # the shipped C source builds
-        assert lines[2] == "kernels True"
-        assert len(list((tmp_path / "kernels").glob("nm_cpu-*.so"))) == 1
-    assert lines[3].startswith("MDGF-exp: FF 1:8")
+    assert lines[2].startswith("MDGF-exp: FF 1:8")

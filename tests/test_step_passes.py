@@ -8,9 +8,6 @@ import torch
 
 from nmsparse_hf.autograd import _masked, _straight_through, sparse_linear
 
-# every test runs through the native CPU kernels and through the ATen path
-pytestmark = pytest.mark.usefixtures("pass_path")
-
 SPECIAL = [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -1e-40, 3.0]
 
 
