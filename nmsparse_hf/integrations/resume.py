@@ -112,34 +112,19 @@ def check_sparsity_state(checkpoint: str | os.PathLike, config: NMSparsityConfig
 
 
 # ---------------------------------------------------------------------------------- readability
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    return [folder / "model.safetensors"]
-
-
 def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
-    """Why a Trainer checkpoint cannot be resumed (its safetensors weights do not open or are
-    missing, its ``trainer_state.json`` does not parse), naming the file; None when readable."""
-    from safetensors import safe_open
+    """Why a Trainer checkpoint cannot be resumed (its safetensors weights are missing or do not
+    open, `WeightFiles`; its ``trainer_state.json`` does not parse), naming the file; None when
+    it is readable."""
+    from ..export.weights import WeightFiles
 
     folder = Path(checkpoint)
     if not folder.is_dir():
         return f"{folder} is not a directory"
     try:
-        files = _weight_files(folder)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"{folder / 'model.safetensors.index.json'} cannot be read ({exc})"
-    for file in files:
-        if not file.is_file():
-            return f"{file} is missing"
-        try:
-            with safe_open(str(file), framework="pt") as fh:  # checks the header covers the file
-                fh.keys()
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
-            return f"{file} cannot be read ({' '.join(str(exc).split())})"
+        WeightFiles(folder)
+    except NMCheckpointError as exc:
+        return " ".join(str(exc).split()).rstrip(".")
     try:
         json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"]
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -25,7 +25,7 @@ from transformers.utils import logging
 from ..config import NMSparsityConfig
 from ..errors import NMSparsityConfigError, NMSparsityError
 from ..export import load_sparse_metadata, push_sparse_to_hub, save_sparse_pretrained
-from ..export.card import write_model_card
+from ..export.checkpoint import write_model_card
 from ..sparsifier import NMSparsifier
 from .arguments import SparseTrainingArguments
 from .callback import NMSparsityCallback
