@@ -7,7 +7,9 @@ import io
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from nmsparse_hf.data import (
@@ -19,6 +21,8 @@ from nmsparse_hf.data import (
     find_bad_images,
     load_image_dataset,
 )
+from nmsparse_hf.data.arguments import IMAGENET_MEAN, IMAGENET_STD
+from nmsparse_hf.data.images import to_8bit
 from nmsparse_hf.data.transforms import build_transforms
 
 CLASSES = ("cat", "dog")
@@ -157,3 +161,79 @@ def test_the_recipe_stops_before_training_naming_the_files(folder, tmp_path):
         )
     assert all(str(p) in str(info.value) for p in bad.values())
     assert not (out / "final").exists() and not list(out.glob("checkpoint-*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Images too large (PIL's decompression-bomb limit) and images deeper than 8 bits
+
+
+@pytest.fixture
+def bomb(folder, monkeypatch) -> Path:
+    """A 64x64 PNG in the folder, over PIL's decompression-bomb limit (lowered to 1000 pixels
+    here; PIL refuses more than twice the limit, the 24x24 JPEGs stay under it)."""
+    root, _ = folder
+    path = root / "dog" / "huge.png"
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for name in ("cat/3.jpg", "dog/0.jpg"):  # only the bomb is bad here
+        (root / name).write_bytes(_jpeg(7))
+    return path
+
+
+def test_a_bomb_sized_image_is_skipped_with_its_name(folder, bomb, caplog):
+    root, _ = folder
+    args = _args(root, bad_images="skip", eval_fraction=0.2)
+    train, evaluation, names = load_image_dataset(args)
+    with caplog.at_level(logging.WARNING):
+        data = build_training_data(args, train, evaluation, len(names))
+    assert len(data.train_dataset) + len(data.eval_dataset) == 10
+    assert str(bomb) in caplog.text and "DecompressionBombError" in caplog.text
+
+
+def test_a_bomb_sized_image_is_a_one_line_error_naming_it(folder, bomb):
+    root, _ = folder
+    train, evaluation, names = load_image_dataset(_args(root, eval_fraction=0.2))
+    with pytest.raises(BadImageError) as info:
+        build_training_data(_args(root), train, evaluation, len(names))
+    assert str(bomb) in str(info.value) and "bad_images='skip'" in str(info.value)
+    with pytest.raises(BadImageError, match="huge.png.*DecompressionBombError"):
+        decode_image({"bytes": None, "path": str(bomb)})
+
+
+def test_16_bit_and_float_images_are_scaled_to_8_bits():
+    sixteen = Image.fromarray(np.array([[0, 257, 1000, 65535]], dtype=np.uint16))
+    assert sixteen.mode == "I;16"
+    assert np.asarray(to_8bit(sixteen)).tolist() == [[0, 1, 4, 255]]  # v / 257, rounded
+    wide = Image.fromarray(np.array([[-5, 514, 70000]], dtype=np.int32))
+    assert wide.mode == "I"
+    assert np.asarray(to_8bit(wide)).tolist() == [[0, 2, 255]]  # clipped to 0..65535 / 257
+    values = np.array([[0.0, 0.1, 1.0, 2.0, -1.0, np.nan]], dtype=np.float32)
+    assert np.asarray(to_8bit(Image.fromarray(values))).tolist() == [[0, 26, 255, 255, 0, 0]]
+    rgb = Image.new("RGB", (2, 2), (1, 2, 3))
+    assert to_8bit(rgb) is rgb
+
+
+def test_16_bit_png_and_float_tiff_reach_the_model_in_8_bit_range(tmp_path):
+    """A 16-bit PNG of 40000 and a float TIFF of 0.25 are grey 156 (40000 / 257) and 64
+    (0.25 * 255), not white (PIL's convert clips 16-bit values at 255) and not black (it truncates
+    floats): check the normalised tensors the training pipeline gives."""
+    root = tmp_path / "deep"
+    for name in ("png16", "float"):
+        (root / name).mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((12, 12), 40000, dtype=np.uint16)).save(root / "png16" / f"{i}.png")
+        Image.fromarray(np.full((12, 12), 0.25, dtype=np.float32)).save(root / "float" / f"{i}.tif")
+    assert Image.open(root / "png16" / "0.png").mode == "I;16"
+    assert Image.open(root / "float" / "0.tif").mode == "F"
+    args = _args(root, eval_fraction=0.5)
+    train, evaluation, names = load_image_dataset(args)
+    data = build_training_data(args, train, evaluation, len(names))
+    mean, std = (
+        torch.tensor(IMAGENET_MEAN)[:, None, None],
+        torch.tensor(IMAGENET_STD)[:, None, None],
+    )
+    for i in range(len(data.eval_dataset)):
+        example = data.eval_dataset[i]
+        grey = {names.index("png16"): 156, names.index("float"): 64}[example["labels"]]
+        expected = (torch.full((3, 16, 16), grey / 255.0) - mean) / std
+        torch.testing.assert_close(example["pixel_values"], expected)

@@ -131,10 +131,41 @@ def _bad_eval_fraction():
     DataArguments(eval_fraction=1.5)
 
 
+def _num_labels_one():
+    from nmsparse_hf.data import DataArguments
+
+    DataArguments(num_labels=1)
+
+
 def _negative_mixup():
     from nmsparse_hf.data import DataArguments
 
     DataArguments(mixup_alpha=-0.2)
+
+
+def training_args(**kw):
+    """Building `SparseTrainingArguments` from Python with one bad value."""
+
+    def build():
+        from nmsparse_hf.integrations import SparseTrainingArguments
+
+        SparseTrainingArguments(output_dir="unused", report_to=[], use_cpu=True, **kw)
+
+    return build
+
+
+def _recipe_flag_max_steps(tmp_path):
+    from nmsparse_hf.recipes.image_classification import parse_args
+
+    parse_args(["--output_dir", str(tmp_path), "--max_steps", "-5"], "vit")
+
+
+def _recipe_yaml_locations_mapping(tmp_path):
+    from nmsparse_hf.recipes.image_classification import parse_args
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"output_dir: {tmp_path}\nlocations:\n  FF: 1\n")
+    parse_args([str(path)], "vit")
 
 
 def _update_without_total_steps():
@@ -222,6 +253,48 @@ CASES = [
     ("randaugment", _bad_randaugment, ["randaugment", "'strong'", "m9-n2"]),
     ("eval_fraction", _bad_eval_fraction, ["eval_fraction", "1.5", "0.1"]),
     ("mixup_alpha", _negative_mixup, ["mixup_alpha", "-0.2", "0 to turn mixup off"]),
+    ("negative lr", training_args(learning_rate=-1e-3), ["learning_rate=-0.001", ">= 0"]),
+    ("NaN lr", training_args(learning_rate=float("nan")), ["learning_rate=nan", "finite"]),
+    (
+        "batch size 0",
+        training_args(per_device_train_batch_size=0),
+        ["per_device_train_batch_size=0", "positive integer"],
+    ),
+    (
+        "eval batch size -1",
+        training_args(per_device_eval_batch_size=-1),
+        ["per_device_eval_batch_size=-1", "positive integer"],
+    ),
+    (
+        "accumulation 0",
+        training_args(gradient_accumulation_steps=0),
+        ["gradient_accumulation_steps=0", "1 = no accumulation"],
+    ),
+    (
+        "workers -1",
+        training_args(dataloader_num_workers=-1),
+        ["dataloader_num_workers=-1", ">= 0", "main process"],
+    ),
+    ("max_steps -5", training_args(max_steps=-5), ["max_steps=-5", "-1 to train for"]),
+    ("max_steps 0", training_args(max_steps=0), ["max_steps=0", "positive number"]),
+    (
+        "label smoothing 2",
+        training_args(label_smoothing_factor=2.0),
+        ["label_smoothing_factor=2.0", "[0, 1)"],
+    ),
+    (
+        "locations mapping",
+        cfg(locations={"FF": 1}),
+        ["locations", "{'FF': 1}", "'FF,Q,K'"],
+    ),
+    (
+        "locations mapping (arguments)",
+        training_args(locations={"FF": 1}),
+        ["locations", "{'FF': 1}", "'FF,Q,K'"],
+    ),
+    ("locations number", cfg(locations=5), ["locations", "got 5", "'FF,Q,K'"]),
+    ("targets mapping", cfg(target_modules={"fc1": 1}), ["target_modules", "{'fc1': 1}"]),
+    ("num_labels 1", _num_labels_one, ["num_labels=1", "at least two classes"]),
 ]
 
 TMP_CASES = [
@@ -237,6 +310,12 @@ TMP_CASES = [
         "plain TrainingArguments",
         _plain_training_arguments,
         ["SparseTrainingArguments", "sparsity_config=NMSparsityConfig"],
+    ),
+    ("recipe --max_steps -5", _recipe_flag_max_steps, ["max_steps=-5", "-1 to train for"]),
+    (
+        "recipe YAML locations mapping",
+        _recipe_yaml_locations_mapping,
+        ["locations", "{'FF': 1}", "'FF,Q,K'"],
     ),
 ]
 
@@ -259,6 +338,26 @@ def test_bad_input_is_a_clear_error(trigger, words):
 )
 def test_bad_input_with_files_is_a_clear_error(trigger, words, tmp_path):
     _check(lambda: trigger(tmp_path), words)
+
+
+def test_training_values_at_their_limits_are_accepted():
+    """The checks refuse only what is wrong: -1 (train for num_train_epochs), a zero learning
+    rate, no clipping, no workers and smoothing just below 1 are all valid."""
+    from nmsparse_hf.integrations import SparseTrainingArguments
+
+    args = SparseTrainingArguments(
+        output_dir="unused",
+        report_to=[],
+        use_cpu=True,
+        max_steps=-1,
+        learning_rate=0.0,
+        max_grad_norm=None,
+        dataloader_num_workers=0,
+        label_smoothing_factor=0.99,
+        eval_accumulation_steps=None,
+        locations=["FF", "Q"],
+    )
+    assert (args.max_steps, args.sparsity_config().locations) == (-1, ("FF", "Q"))
 
 
 def test_there_are_at_least_25_distinct_bad_inputs():

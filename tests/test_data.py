@@ -193,6 +193,89 @@ def test_imagefolder_streaming_uses_the_validation_directory(tmp_path):
     assert first["pixel_values"].shape == (3, 8, 8) and isinstance(first["labels"], int)
 
 
+def test_an_empty_class_folder_is_an_error_naming_it(tmp_path):
+    """datasets drops a class folder without images: the label set would silently lack it."""
+    _write_imagefolder(tmp_path / "flat", per_class=2)
+    (tmp_path / "flat" / "wolf").mkdir()
+    (tmp_path / "flat" / "wolf" / "notes.txt").write_text("not an image")
+    (tmp_path / "flat" / ".ipynb_checkpoints").mkdir()  # hidden: not a class
+    with pytest.raises(DataArgumentsError, match=r"class folder\(s\) \['wolf'\] hold no image"):
+        load_image_dataset(DataArguments(data_dir=str(tmp_path / "flat"), eval_fraction=0.5))
+    _write_imagefolder(tmp_path / "split" / "train", per_class=2)
+    _write_imagefolder(tmp_path / "split" / "validation", per_class=1)
+    (tmp_path / "split" / "validation" / "wolf").mkdir()
+    with pytest.raises(DataArgumentsError, match=r"\['validation/wolf'\]"):
+        load_image_dataset(DataArguments(data_dir=str(tmp_path / "split"), streaming=True))
+    (tmp_path / "flat" / "wolf" / "0.png").write_bytes(
+        (tmp_path / "flat" / "cat" / "0.png").read_bytes()
+    )
+    assert load_image_dataset(DataArguments(data_dir=str(tmp_path / "flat")))[2] == [
+        *CLASSES,
+        "wolf",
+    ]
+
+
+def test_eval_labels_unseen_in_training_are_an_error_naming_them(tmp_path):
+    """A validation class with no training example would be an extra class never trained."""
+    _write_imagefolder(tmp_path / "root" / "train", per_class=2)
+    (tmp_path / "root" / "train" / "fox").rename(tmp_path / "fox_elsewhere")
+    _write_imagefolder(tmp_path / "root" / "validation", per_class=1)
+    args = DataArguments(data_dir=str(tmp_path / "root"))
+    with pytest.raises(DataArgumentsError) as info:
+        load_image_dataset(args)
+    message = str(info.value)
+    assert "'validation' split: label(s) ['fox']" in message
+    assert "its labels: ['cat', 'dog']" in message and "\n" not in message
+
+
+def test_check_eval_labels_for_named_and_string_labels():
+    from nmsparse_hf.data import check_eval_labels
+
+    check_eval_labels(["pos", "neg", "pos"], ["neg", "pos"], "validation")  # a subset is fine
+    with pytest.raises(DataArgumentsError, match=r"'dev' split: label\(s\) \['maybe'\]"):
+        check_eval_labels(["pos", "neg"], ["neg", "maybe"], "'dev'")
+    with pytest.raises(DataArgumentsError, match=r"\['fox'\] never occur.*\['cat', 'dog'\]"):
+        check_eval_labels([0, 1], [2, 1], "'validation'", names=["cat", "dog", "fox"])
+    with pytest.raises(DataArgumentsError, match=r"\[-1\]"):  # GLUE's unlabelled test split
+        check_eval_labels([0, 1], [-1], "'test'", names=["no", "yes"])
+
+
+def test_num_labels_must_agree_with_the_classes_found(imagefolder):
+    args = DataArguments(data_dir=str(imagefolder), eval_fraction=1 / 3, num_labels=2)
+    with pytest.raises(DataArgumentsError) as info:
+        load_image_dataset(args)
+    assert "num_labels=2 disagrees with the 3 classes of the data ['cat', 'dog', 'fox']" in str(
+        info.value
+    )
+    args = DataArguments(data_dir=str(imagefolder), eval_fraction=1 / 3, num_labels=3)
+    assert load_image_dataset(args)[2] == list(CLASSES)
+
+
+def test_a_split_too_small_to_stratify_is_carved_without_stratifying(tmp_path, caplog):
+    """3 classes x 2 images with eval_fraction 0.1: one eval example cannot hold every class."""
+    import logging
+
+    _write_imagefolder(tmp_path / "small", per_class=2)
+    args = DataArguments(data_dir=str(tmp_path / "small"), eval_fraction=0.1)
+    with caplog.at_level(logging.WARNING):
+        train, evaluation, names = load_image_dataset(args)
+    assert (len(train), len(evaluation), names) == (5, 1, list(CLASSES))
+    assert "without stratifying by class" in caplog.text and "6 examples" in caplog.text
+
+
+def test_a_split_too_small_to_carve_is_an_error_with_its_size():
+    one = load_digits_dataset()["train"].select(range(1))
+
+    def fake(path, name, split, streaming):
+        if split != "train":
+            raise ValueError(f'Bad split: {split}. Available splits: ["train"]')
+        return one
+
+    with mock.patch("datasets.load_dataset", mock.Mock(side_effect=fake)):
+        with pytest.raises(DataArgumentsError, match="eval_fraction=0.1 of the 1 example"):
+            load_image_dataset(DataArguments(dataset_name="me/tiny", eval_fraction=0.1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Local webdataset shards (the layout of timm/imagenet-1k-wds)
 

@@ -5,7 +5,9 @@
   streamed);
 * `transforms`: training augmentation and evaluation transforms, `with_transforms`;
 * `collators`: `collate_fn`, `TimmMixCollator` (timm's mixup/cutmix), `MixupCollator`;
-* `images`: `decode_image` (names the bad file), `find_bad_images` (fast check of local files);
+* `images`: `decode_image` (names the bad file), `find_bad_images` (fast check of local files),
+  `to_8bit` (16-bit and float images scaled to 8 bits);
+* `labels`: `check_eval_labels` (an eval label no training example has is an error; both recipes);
 * `pipeline`: `build_training_data` (what the recipes train on), `AugmentedDataset`,
   `seeded_rng`, `augmentation_key`: random augmentation keyed by (seed, epoch, sample), so a
   resumed run is bitwise the same;
@@ -18,6 +20,7 @@ imported inside the functions that need them.
 from .arguments import DataArguments, DataArgumentsError, require_max_steps
 from .collators import TimmMixCollator, collate_fn
 from .images import BadImageError, decode_image, find_bad_images
+from .labels import check_eval_labels
 from .metrics import make_compute_metrics
 from .pipeline import (
     AugmentationEpochCallback,
@@ -44,6 +47,7 @@ __all__ = [
     "decode_image",
     "find_bad_images",
     "build_transforms",
+    "check_eval_labels",
     "collate_fn",
     "load_digits_dataset",
     "load_image_dataset",

@@ -57,8 +57,8 @@ class DataArguments:
             overlap whatever the shard order).
         eval_fraction: share of the training split used for evaluation when there is no eval split.
         image_column / label_column: ``None`` detects them among ``IMAGE_COLUMNS`` / ``LABEL_COLUMNS``.
-        num_labels: number of classes when the label column carries no class names (webdataset
-            ``cls`` integers); ignored otherwise.
+        num_labels: number of classes (at least 2) when the label column carries no class names
+            (webdataset ``cls`` integers); when it does, ``num_labels`` must equal their number.
         streaming: stream the data (`datasets.IterableDataset`); the Trainer then needs
             ``max_steps > 0`` (see `require_max_steps`).
         shuffle_buffer_size: examples held by the streaming shuffle buffer.
@@ -242,13 +242,18 @@ class DataArguments:
             "image_size",
             "max_train_samples",
             "max_eval_samples",
-            "num_labels",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise DataArgumentsError(
                     f"{name}={value!r} must be a positive integer (or None for the default)."
                 )
+        if self.num_labels is not None and self.num_labels < 2:
+            raise DataArgumentsError(
+                f"num_labels={self.num_labels!r}: a classifier needs at least two classes (the "
+                "image recipe does not train regression); leave it unset to read the classes "
+                "from the labels."
+            )
         self._check_augmentation()
 
     def _check_augmentation(self) -> None:

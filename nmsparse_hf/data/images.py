@@ -1,5 +1,6 @@
-"""Reading images safely: decode with the file named on failure (`decode_image`), and a fast check
-of local image files before training (`find_bad_images`)."""
+"""Reading images safely: decode with the file named on failure (`decode_image`), a fast check
+of local image files before training (`find_bad_images`), and 16-bit and float images brought to
+the 8-bit range the transforms expect (`to_8bit`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from .arguments import DataArgumentsError
 
 # A JPEG ends with the EOI marker; a file cut short lacks it (checked in its last bytes, since
@@ -16,9 +19,42 @@ from .arguments import DataArgumentsError
 _JPEG_EOI = b"\xff\xd9"
 _TAIL_BYTES = 4096
 
+# Single-channel modes deeper than 8 bits -> the factor to the 0..255 range of mode "L": PIL reads
+# 16-bit PNGs and TIFFs as "I;16"/"I;16B" (or "I"), 0..65535; float TIFFs as "F", taken to hold
+# 0..1 as float images usually do. `Image.convert("RGB")` clips such values at 255 instead.
+HIGH_DEPTH_SCALE = {
+    "I;16": 1 / 257,
+    "I;16L": 1 / 257,
+    "I;16B": 1 / 257,
+    "I;16N": 1 / 257,
+    "I": 1 / 257,
+    "F": 255.0,
+}
+
 
 class BadImageError(DataArgumentsError):
     """An image cannot be read: the message names its file (or example) and what to do."""
+
+
+def _unreadable() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "not a readable image", PIL's decompression-bomb refusal (an image
+    of more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels) included."""
+    from PIL import Image
+
+    return (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def to_8bit(image):
+    """``image`` in an 8-bit mode: a 16-bit image (modes ``I;16*`` and ``I``, 0..65535) is divided
+    by 257, a float image (mode ``F``, taken as 0..1) multiplied by 255, both rounded, clipped to
+    0..255 (NaN becomes 0) and returned in mode ``L``; any other image is returned unchanged."""
+    from PIL import Image
+
+    scale = HIGH_DEPTH_SCALE.get(image.mode)
+    if scale is None:
+        return image
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64) * scale, posinf=255.0)
+    return Image.fromarray(np.round(np.clip(values, 0.0, 255.0)).astype(np.uint8), mode="L")
 
 
 def describe(value: Any, where: str = "") -> str:
@@ -34,7 +70,8 @@ def decode_image(value: Any, where: str = ""):
 
     ``value`` is a `PIL.Image`, a ``{"bytes", "path"}`` dict (a `datasets.Image(decode=False)`
     column), raw bytes or a path. Raises `BadImageError` naming the file (or ``where``, e.g. the
-    example index) when the data is not a readable image or is truncated.
+    example index) when the data is not a readable image, is truncated or is larger than PIL's
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``).
     """
     from PIL import Image
 
@@ -51,7 +88,7 @@ def decode_image(value: Any, where: str = ""):
             image = Image.open(value)
         image.load()
         return image
-    except (OSError, SyntaxError, ValueError) as err:
+    except _unreadable() as err:
         raise BadImageError(
             f"bad image {describe(value, where)}: {type(err).__name__}: {err}. Replace or delete "
             "the file, or set bad_images='skip' to leave unreadable images out."
@@ -62,7 +99,8 @@ def check_image_file(path: str) -> str | None:
     """``None`` if ``path`` looks like a readable image, else the reason.
 
     Fast: parses the header, checks that a JPEG still ends with its end marker and fully decodes
-    only the files that fail that check (most truncated files).
+    only the files that fail that check (most truncated files). An image over PIL's
+    decompression-bomb limit is reported too.
     """
     from PIL import Image
 
@@ -80,7 +118,7 @@ def check_image_file(path: str) -> str | None:
         with Image.open(path) as image:  # PNG CRCs and suspicious JPEGs: decode fully
             image.load()
         return None
-    except (OSError, SyntaxError, ValueError) as err:
+    except _unreadable() as err:
         return f"{type(err).__name__}: {err}"
 
 

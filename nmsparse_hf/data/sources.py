@@ -20,6 +20,7 @@ an ``IterableDataset``, and calls ``set_epoch`` so every epoch is reshuffled; sp
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -38,6 +39,9 @@ from .arguments import (
     DataArgumentsError,
     tar_files,
 )
+from .labels import check_eval_labels
+
+logger = logging.getLogger(__name__)
 
 
 def load_digits_dataset(seed: int = 0, image_size: int = 32, eval_size: int = 300):
@@ -87,14 +91,23 @@ def load_image_dataset(args: DataArguments):
     the labels carry none and ``num_labels`` is unset. Streamed images come undecoded
     (``{"bytes", "path"}``, see `undecoded`).
 
+    Raises `DataArgumentsError` (before any image is read) when a class folder of an imagefolder
+    holds no image (`check_class_folders`), when ``num_labels`` disagrees with the classes the
+    labels name, and, for map-style data, when the eval split has labels that no training example
+    has (`labels.check_eval_labels`).
+
     The streamed training set is shuffled with ``shuffle_buffer_size`` and ``dataset_seed``; the
     Trainer calls its ``set_epoch`` so each epoch has another order, and shards it across ranks itself
     (no ``split_dataset_by_node`` here). Map-style training data is left unshuffled (the Trainer's
     sampler shuffles) except to pick ``max_train_samples``.
     """
-    train, evaluation = _load_splits(args)
+    train, evaluation, eval_name = _load_splits(args)
     image_column, label_column = resolve_columns(train, args.image_column, args.label_column)
     label_names = _label_names(train, label_column, args.num_labels)
+    if not args.streaming:  # a stream's labels are only known once it is read
+        check_eval_labels(
+            train.unique(label_column), evaluation.unique(label_column), eval_name, label_names
+        )
 
     if args.streaming:
         if args.max_train_samples is not None:
@@ -111,7 +124,8 @@ def load_image_dataset(args: DataArguments):
 
 
 def _load_splits(args: DataArguments):
-    """The raw training and evaluation splits (carved out of train when there is no eval split)."""
+    """``(train, eval, eval split's name)``, the raw splits; the eval split is carved out of train
+    when there is none."""
     import datasets
 
     source = args.source
@@ -121,8 +135,9 @@ def _load_splits(args: DataArguments):
         if args.streaming:
             train = undecoded(train.to_iterable_dataset(num_shards=4))
             evaluation = undecoded(evaluation.to_iterable_dataset(num_shards=1))
-        return train, evaluation
+        return train, evaluation, "validation"
     if source == IMAGEFOLDER:
+        check_class_folders(args.data_dir)
         path, kwargs = IMAGEFOLDER, {"data_dir": args.data_dir}
     elif source == WEBDATASET:
         path, kwargs = WEBDATASET, {"data_files": _webdataset_files(args)}
@@ -137,12 +152,50 @@ def _load_splits(args: DataArguments):
 
     train = load(args.train_split)
     try:
-        evaluation = load(args.eval_split)
+        return train, load(args.eval_split), repr(args.eval_split)
     except ValueError as err:
         if "split" not in str(err).lower():
             raise
-        train, evaluation = _carve_eval(train, args)
-    return train, evaluation
+    train, evaluation = _carve_eval(train, args)
+    return train, evaluation, f"eval (carved out of {args.train_split!r})"
+
+
+def check_class_folders(data_dir: str) -> None:
+    """Raise `DataArgumentsError` naming every class folder of the imagefolder under
+    ``data_dir`` that holds no image file (one with an extension `datasets` reads as an image).
+
+    A class folder is a sub-folder beside one that holds images; `datasets` would silently drop
+    an empty one, so the label set would lack that class. Hidden folders (``.name``) are skipped,
+    as `datasets` skips them.
+    """
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    extensions = tuple(e.lower() for e in ImageFolder.EXTENSIONS)
+    root = os.path.normpath(data_dir)
+    children: dict[str, list[str]] = {}
+    direct: set[str] = set()  # folders holding an image file themselves
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        children[folder] = [os.path.join(folder, d) for d in subfolders]
+        if any(f.lower().endswith(extensions) for f in files):
+            direct.add(folder)
+    below: set[str] = set()  # folders holding an image file themselves or in a sub-folder
+    for folder in direct:
+        while folder not in below and len(folder) >= len(root):
+            below.add(folder)
+            folder = os.path.dirname(folder)
+    empty = [
+        os.path.relpath(sub, root)
+        for subs in children.values()
+        if any(sub in direct for sub in subs)
+        for sub in subs
+        if sub not in below
+    ]
+    if empty:
+        raise DataArgumentsError(
+            f"data_dir={data_dir!r}: class folder(s) {sorted(empty)} hold no image, so the class "
+            "would silently be missing from the labels; put its images there or delete the folder."
+        )
 
 
 def undecoded(dataset):
@@ -194,9 +247,18 @@ def resolve_columns(
 
 
 def _label_names(dataset, label_column: str, num_labels: int | None) -> list[str] | None:
+    """The class names of the labels; ``num_labels`` must agree with them when they have names,
+    and gives ``"0"`` .. ``"num_labels - 1"`` when they have none."""
     features = getattr(dataset, "features", None) or {}
     feature = features.get(label_column)
     names = getattr(feature, "names", None)
+    if names and num_labels is not None and num_labels != len(names):
+        shown = list(names) if len(names) <= 10 else [*names[:10], "..."]
+        raise DataArgumentsError(
+            f"num_labels={num_labels} disagrees with the {len(names)} classes of the data "
+            f"{shown}; leave num_labels unset (the classes are read from the labels) or point "
+            "data_dir / dataset_name at the data you mean."
+        )
     if names:
         return list(names)
     if num_labels is not None:
@@ -228,10 +290,35 @@ def _carve_eval(train, args: DataArguments):
     stratify = (
         label_column if isinstance(train.features[label_column], datasets.ClassLabel) else None
     )
-    parts = train.train_test_split(
-        test_size=args.eval_fraction, seed=args.dataset_seed, stratify_by_column=stratify
-    )
+    split = dict(test_size=args.eval_fraction, seed=args.dataset_seed)
+    try:
+        parts = train.train_test_split(**split, stratify_by_column=stratify)
+    except ValueError as err:
+        if stratify is None:
+            raise _too_small(train, args, err) from None
+        # too few examples per class (or fewer eval examples than classes) to stratify
+        logger.warning(
+            "the eval split is carved out of %r without stratifying by class: %s (%d examples, "
+            "eval_fraction=%g); give an eval split or more examples per class for a balanced one.",
+            args.train_split,
+            err,
+            len(train),
+            args.eval_fraction,
+        )
+        try:
+            parts = train.train_test_split(**split)
+        except ValueError as plain:
+            raise _too_small(train, args, plain) from None
     return parts["train"], parts["test"]
+
+
+def _too_small(train, args: DataArguments, err: Exception) -> DataArgumentsError:
+    """The error of a split too small to carve an eval split from, with its sizes."""
+    return DataArgumentsError(
+        f"eval_fraction={args.eval_fraction:g} of the {len(train)} example(s) of split "
+        f"{args.train_split!r} cannot be carved into an eval split ({err}); add examples, raise "
+        "eval_fraction, or give an eval split."
+    )
 
 
 def _example_hash(example: Mapping[str, Any], image_column: str, salt: bytes) -> int:

@@ -15,6 +15,7 @@ from .arguments import (
     DataArguments,
     timm_auto_augment,
 )
+from .images import to_8bit
 
 
 def normalization_from(
@@ -79,7 +80,9 @@ def build_transforms(
     random_erasing_count: int = 1,
 ) -> Callable:
     """timm's transform (`timm.data.create_transform`) from a PIL image to a normalized float
-    tensor ``[3, size, size]``, preceded by a conversion of any image mode (L, P, CMYK, RGBA) to RGB.
+    tensor ``[3, size, size]``, preceded by a conversion of any image mode (L, P, CMYK, RGBA) to RGB;
+    16-bit and float images are first scaled to 8 bits (`images.to_8bit`: 16-bit / 257, float
+    0..1 * 255).
 
     Training, in timm's order: RandomResizedCropAndInterpolation(``crop_scale`` (default
     ``(min_crop_scale, 1)``), ``crop_ratio``, ``train_interpolation``) -> horizontal flip with
@@ -127,7 +130,7 @@ def build_transforms(
 
 
 def _to_rgb(image):
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image if image.mode == "RGB" else to_8bit(image).convert("RGB")
 
 
 def transforms_from_args(args: DataArguments, source: Any = None) -> tuple[Callable, Callable]:
