@@ -7,6 +7,10 @@
     nmsparse push CHECKPOINT REPO_ID [--token T] [--private] [--revision R]
                   [--commit-message M] [--create-pr]
         Verify the checkpoint, then upload it to the Hugging Face Hub (`push_sparse_to_hub`).
+    nmsparse export CHECKPOINT OUT [--overwrite]
+        Bake a Trainer checkpoint-N (dense master weights) into the sparse model of step N: the
+        target masks of the run's recorded sparsity config applied, verified, with its card
+        (`export_checkpoint`).
     nmsparse schedule CONFIG --total-steps N [--every K] [--plot out.png] [--ignore-unknown]
         Print the schedule (phase, alpha and each location's pattern) at every phase/stage
         boundary and every K steps (default: N/20), row by row as it is computed; optionally plot.
@@ -436,6 +440,23 @@ def _push(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------- export
+def _export(args: argparse.Namespace) -> int:
+    from .errors import NMVerificationError
+    from .integrations.snapshot import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.output_dir, overwrite=args.overwrite)
+    except NMVerificationError as exc:
+        print(f"nmsparse export: not exported: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAIL
+    except (NMSparsityError, OSError) as exc:
+        print(f"nmsparse export: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    print(f"exported the sparse model of {args.checkpoint} to {out} (verified)")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------------- prune
 def _calibration_texts(path: str, limit: int) -> list[str]:
     """The first ``limit`` samples of a calibration file: JSON lines with a ``text`` field
@@ -635,6 +656,16 @@ def _add_push(sub) -> None:
     push.set_defaults(func=_push)
 
 
+def _add_export(sub) -> None:
+    export = sub.add_parser(
+        "export", help="write the verified sparse model of a Trainer checkpoint-N"
+    )
+    export.add_argument("checkpoint", help="checkpoint-N folder written by NMSparseTrainer")
+    export.add_argument("output_dir", metavar="OUT", help="directory of the sparse model")
+    _option(export, "overwrite", action="store_true", help="write into a non-empty OUT")
+    export.set_defaults(func=_export)
+
+
 def _add_schedule(sub) -> None:
     schedule = sub.add_parser("schedule", help="print (and plot) the sparsity schedule of a config")
     schedule.add_argument(
@@ -710,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_verify(sub)
     _add_push(sub)
+    _add_export(sub)
     _add_schedule(sub)
     _add_report(sub)
     _add_prune(sub)
