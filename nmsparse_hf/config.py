@@ -32,6 +32,7 @@ _ENUM_VALUES: dict[str, tuple[str, ...]] = {
     "structure_decay_type": ("sparsify", "fine"),
     "sparse_dim": SPARSE_DIMS,
     "finetune_mask": ("recompute", "frozen"),
+    "mask_source": ("magnitude", "weights"),
 }
 
 # Other spellings of enum values (the seed's and a few natural variants) -> ours. Matching is
@@ -48,6 +49,7 @@ _ENUM_ALIASES: dict[str, dict[str, str]] = {
     "structure_decay_type": {"stepwise": "sparsify", "geometric": "fine"},
     "sparse_dim": {"column": "col"},
     "finetune_mask": {},
+    "mask_source": {},
 }
 
 # Seed YAML keys (and a few natural variants) -> our field names.
@@ -88,11 +90,6 @@ def parse_locations(value: Any) -> tuple[str, ...]:
     names, so ``KQFF`` means FF, Q, K and a typo such as ``FN`` is refused instead of silently
     meaning nothing. Raises `NMSparsityConfigError` naming an unknown location.
     """
-    if isinstance(value, Mapping) or not isinstance(value, str | Iterable | None):
-        raise NMSparsityConfigError(
-            f"locations: expected a comma-separated string or a list of location names, got "
-            f"{value!r}; write e.g. 'FF,Q,K' (or the list [FF, Q, K] in YAML)."
-        )
     out: set[str] = set()
     for raw in _as_list(value):
         parts = _split_location_token(raw.upper().replace(" ", ""))
@@ -127,7 +124,7 @@ def _enum(field_name: str, value: Any) -> str:
             f"{field_name}: unknown value {value!r}. Use one of {allowed}"
             + (
                 f" (seed spellings such as {sorted(k.upper() for k in aliases)} are accepted too)."
-                if field_name != "finetune_mask"
+                if field_name not in ("finetune_mask", "mask_source")
                 else "."
             )
         )
@@ -218,6 +215,13 @@ class NMSparsityConfig:
             ``fine_tune_steps``).
         finetune_mask: ``recompute`` (the mask follows |W| every step) or ``frozen`` (the mask is
             fixed when fine-tuning starts and pruned weights are held at exactly zero).
+        mask_source: ``magnitude`` (default: the schedule above, masks from |W|) or ``weights``
+            (the mask is the non-zero pattern of each targeted weight when the sparsifier is
+            attached, e.g. of a one-shot pruned model; it must be N:M at the layer's target
+            pattern and is held for the whole run, pruned weights at exactly zero, as with
+            ``finetune_mask="frozen"`` from step 0). A held pattern has no dense phase, no SDGF
+            stages, no MDGF decay and no SR-STE term: ``weights`` refuses ``dense_fraction > 0``,
+            ``structure_decay``, ``decay_type`` linear/exp and ``sparsity_type="srste"``.
 
     Targets
         target_modules: overrides the model-family preset, PEFT-style: a string is a regular
@@ -292,6 +296,13 @@ class NMSparsityConfig:
             "help": "recompute (mask follows |W|) | frozen (fixed mask, pruned weights kept at 0)."
         },
     )
+    mask_source: str = field(
+        default="magnitude",
+        metadata={
+            "help": "magnitude (masks from |W| per the schedule) | weights (hold each weight's "
+            "non-zero pattern at attach, e.g. after one-shot pruning)."
+        },
+    )
 
     target_modules: str | list[str] | None = field(
         default=None,
@@ -313,6 +324,7 @@ class NMSparsityConfig:
         self._check_fractions()
         self._check_rates()
         self._check_recipe()
+        self._check_mask_source()
         self._normalise_targets()
 
     # ------------------------------------------------------------------ validators
@@ -322,6 +334,7 @@ class NMSparsityConfig:
         self.structure_decay_type = _enum("structure_decay_type", self.structure_decay_type)
         self.sparse_dim = _enum("sparse_dim", self.sparse_dim)
         self.finetune_mask = _enum("finetune_mask", self.finetune_mask)
+        self.mask_source = _enum("mask_source", self.mask_source)
         self.structure_decay = _to_bool("structure_decay", self.structure_decay)
         self.structure_decay_fallback = _to_bool(
             "structure_decay_fallback", self.structure_decay_fallback
@@ -390,12 +403,30 @@ class NMSparsityConfig:
                 f"8N:8M, 4N:4M, 2N:2M, N:M)."
             )
 
+    def _check_mask_source(self) -> None:
+        if self.mask_source != "weights" or not self.enabled:
+            return
+        clashes = {
+            "dense_fraction": (self.dense_fraction > 0, "0"),
+            "structure_decay": (self.structure_decay, "False"),
+            "decay_type": (self.mask_decay, "'step'"),
+            "sparsity_type": (self.sparsity_type == "srste", "'structure_nm'"),
+        }
+        for name, (clash, fix) in clashes.items():
+            if clash:
+                raise NMSparsityConfigError(
+                    f"{name} = {getattr(self, name)!r} with mask_source = 'weights': the mask is "
+                    f"the weights' non-zero pattern, held for the whole run (no dense phase, no "
+                    f"SDGF stages, no MDGF decay, no SR-STE term). Set {name}={fix}, or "
+                    f"mask_source='magnitude' to train with the schedule."
+                )
+
     def _normalise_targets(self) -> None:
         for name in ("target_modules", "exclude_modules"):
             val = getattr(self, name)
             if val is None or isinstance(val, str):
                 continue
-            if isinstance(val, Mapping) or not isinstance(val, Iterable):
+            if not isinstance(val, Iterable):
                 raise NMSparsityConfigError(
                     f"{name}: expected a regex string or a list of names, got {val!r}."
                 )

@@ -11,6 +11,11 @@ the Trainer: call ``update(step)`` before each optimizer step's forward passes (
         sparsifier.update(step)
         loss = model(**batch).loss; loss.backward(); optimizer.step(); optimizer.zero_grad()
     sparsifier.finalize(); sparsifier.verify()
+
+On a PEFT LoRA model the targets are the wrapped base layers (`targets.find_targets`), and each
+LoRA layer around one gets an instance-level ``forward`` and ``get_delta_weight`` that mask the
+adapter's delta ``scaling * B @ A`` with the base layer's mask, so that the merged weight
+(``merge_and_unload()``) is N:M exactly where the base is. Nothing of PEFT is imported here.
 """
 
 from __future__ import annotations
@@ -140,6 +145,11 @@ class LayerSparsity:
         key = _mask_key(weight)
         if key is not None:
             key = (key, tuple(self.patterns))
+        held = self.frozen_mask
+        if self.freeze_pruned and held is not None and held.shape == weight.shape:
+            # a held mask (finetune_mask="frozen", mask_source="weights") is this step's mask;
+            # under FSDP2 it is held per shard and the whole weight's mask is computed below
+            return held
             if self.cached_mask is not None and self.cached_mask[0] == key:
                 return self.cached_mask[1]
         mask = self._compute_mask(weight, self.patterns)
@@ -161,6 +171,16 @@ class LayerSparsity:
     def masked(self) -> bool:
         """True while the forward uses a mask (sparse or fine-tune phase, not yet finalized)."""
         return self.active and not self.final
+
+    def delta_mask(self, weight: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor] | None:
+        """The mask and alpha that a LoRA delta on this layer follows now (``weight`` laid out
+        ``[out, in]``): this step's, in the masked phases; the baked pattern (the non-zeros of
+        the finalized weight) once final; None (the delta stays dense) in the dense phase."""
+        if self.masked:
+            return self.mask(weight), self.alpha
+        if self.final:
+            return weight != 0, 0.0
+        return None
 
     def effective(self, weight: torch.Tensor) -> torch.Tensor:
         """W̃ for this step (docs/METHOD.md §4), or ``weight`` itself outside the masked phases."""
@@ -210,6 +230,89 @@ def _conv1d_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
 _FORWARDS = {"linear": _linear_forward, "conv1d": _conv1d_forward, "conv": _conv_forward}
 
 
+# ---------------------------------------------------------------------------------- PEFT LoRA
+def _masked_delta(
+    delta: torch.Tensor, mask: torch.Tensor, alpha: float | torch.Tensor
+) -> torch.Tensor:
+    """``delta ⊙ (mask + alpha·(1 − mask))`` by autograd (+0.0 where pruned with alpha = 0)."""
+    if not isinstance(alpha, torch.Tensor) and alpha == 0:
+        return delta.masked_fill(~mask, 0)
+    return torch.where(mask, delta, delta * alpha)
+
+
+def _lora_base(lora: nn.Module) -> tuple[LayerSparsity, torch.Tensor]:
+    """The sparsity state of the base layer a LoRA layer wraps, and its weight laid out
+    ``[out, in]`` (the same view its own forward masks, so the mask cache is shared)."""
+    base = lora.get_base_layer()
+    state = getattr(base, ATTR)
+    return state, (base.weight.t() if state.fan_in_fan_out else base.weight)
+
+
+def _check_lora(lora: nn.Module, name: str, adapter: str | None = None) -> None:
+    """Refuse what the masked delta does not cover: LoRA variants (DoRA and others) and LoRA on
+    a Conv2d; ``adapter`` None checks every adapter of the layer."""
+    names = list(lora.lora_A) if adapter is None else [adapter]
+    for key in names:
+        variant = getattr(lora, "lora_variant", {}).get(key)
+        if variant is not None or getattr(lora, "use_dora", {}).get(key, False):
+            kind = type(variant).__name__ if variant is not None else "DoRA"
+            raise NMTargetError(
+                f"{name}: LoRA adapter {key!r} uses the variant {kind} (e.g. use_dora=True), "
+                f"whose merged weight nmsparse_hf cannot keep N:M. Use plain LoRA "
+                f"(use_dora=False), or leave the layer dense (exclude_modules={[name]!r})."
+            )
+    if names and not isinstance(lora.lora_A[names[0]], nn.Linear):
+        raise NMTargetError(
+            f"{name}: LoRA on a {type(lora.get_base_layer()).__name__} layer is not supported "
+            f"with N:M masking. Leave it out of the LoRA target_modules, or exclude it here "
+            f"(exclude_modules={[name]!r})."
+        )
+
+
+def _lora_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's LoRA forward with each active adapter's delta masked like the base layer:
+    ``base_layer(x) + dropout(x) @ ((scaling · B @ A) ⊙ mask)ᵀ (+ scaling · B.bias)``, with the
+    mask of `LayerSparsity.delta_mask`. Gradients reach A and B through autograd (zero where the
+    mask prunes). Outside the masked phases and while disabled or merged, PEFT's own forward."""
+    state, weight = _lora_base(self)
+    spec = state.delta_mask(weight.detach())
+    if spec is None or self.disable_adapters or self.merged:
+        return type(self).forward(self, x, *args, **kwargs)
+    if kwargs.get("adapter_names") is not None:
+        raise NMSparsityError(
+            f"{state.name}: per-sample adapter_names (mixed-batch LoRA inference) is not "
+            f"supported while N:M masks are attached. Call finalize() and merge_and_unload(), or "
+            f"run one adapter at a time."
+        )
+    self._check_forward_args(x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    result_dtype = result.dtype
+    mask, alpha = spec
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        _check_lora(self, state.name, name)
+        lora_a, lora_b, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        delta = _masked_delta((lora_b.weight @ lora_a.weight) * scaling, mask, alpha)
+        bias = None if lora_b.bias is None else lora_b.bias * scaling
+        x_a = self._cast_input_dtype(x, lora_a.weight.dtype)
+        result = result + F.linear(self.lora_dropout[name](x_a), delta, bias)
+    return result.to(result_dtype)
+
+
+def _lora_delta_weight(self: nn.Module, adapter: str) -> torch.Tensor:
+    """PEFT's ``get_delta_weight`` (what ``merge`` / ``merge_and_unload`` add to the base weight)
+    masked as `_lora_forward` masks it, so that merging keeps the base layer N:M."""
+    delta = type(self).get_delta_weight(self, adapter)
+    state, weight = _lora_base(self)
+    spec = state.delta_mask(weight.detach())
+    if spec is None:
+        return delta
+    mask, alpha = spec
+    mask = mask.t() if state.fan_in_fan_out else mask  # PEFT's delta is laid out as stored
+    return _masked_delta(delta, mask.to(delta.device), alpha)
+
+
 @dataclass
 class LayerCheck:
     """One row of a verification: a layer (block), its target pattern and what was found."""
@@ -221,6 +324,7 @@ class LayerCheck:
     nonzeros: int
     violations: int
     max_nonzeros: int
+    negative_zeros: int = 0
 
     @property
     def numel(self) -> int:
@@ -247,6 +351,25 @@ class VerificationReport:
     @property
     def ok(self) -> bool:
         return bool(self.layers) and not self.problems and all(c.ok for c in self.layers)
+
+    @property
+    def negative_zeros(self) -> int:
+        """Zeros stored as -0.0 over all layers: N:M all the same (-0.0 == 0), but tools that
+        read bit patterns (2:4 compressors) count them as non-zeros."""
+        return sum(c.negative_zeros for c in self.layers)
+
+    def warnings(self) -> list[str]:
+        """Findings that do not fail the verification (today: negative zeros)."""
+        bad = [c for c in self.layers if c.negative_zeros]
+        if not bad:
+            return []
+        names = ", ".join(f"{c.name} ({c.negative_zeros})" for c in bad[:3])
+        return [
+            f"{self.negative_zeros} zero weight(s) are stored as -0.0 in {len(bad)} layer "
+            f"block(s): {names}{' ...' if len(bad) > 3 else ''}. Tools that read bit patterns "
+            f"(2:4 compressors) count -0.0 as a non-zero. Rewrite them as +0.0 "
+            f"(w.masked_fill_(w == 0, 0)); nmsparse_hf's finalize writes +0.0."
+        ]
 
     def raise_if_failed(self) -> VerificationReport:
         """Raise `NMVerificationError` listing the failing layers; return self when all pass."""
@@ -288,6 +411,7 @@ class VerificationReport:
         )
         summary = f"{sum(c.ok for c in self.layers)}/{len(self.layers)} layers N:M-compliant"
         extra = "".join(f"\nproblem: {p}" for p in self.problems)
+        extra += "".join(f"\nwarning: {w}" for w in self.warnings())
         return f"{text}\n{summary}{extra}"
 
 
@@ -295,8 +419,12 @@ def check_layer(
     name: str, weight: torch.Tensor, location: str, pattern: Pattern, dim: str
 ) -> LayerCheck:
     """Verify one weight (or block) against its N:M pattern: the only place that counts the
-    non-zeros of a sparse weight (for verification, metadata and reports alike)."""
+    non-zeros of a sparse weight (for verification, metadata and reports alike), and its zeros
+    stored as -0.0 (``negative_zeros``: a warning, not a failure)."""
     counts = nm_group_nonzeros(weight, pattern[1], dim)
+    negative = 0
+    if weight.is_floating_point():
+        negative = int((torch.signbit(weight) & (weight == 0)).sum())
     return LayerCheck(
         name=name,
         location=location,
@@ -305,6 +433,7 @@ def check_layer(
         nonzeros=int(counts.sum()),  # the groups cover every entry
         violations=int((counts > pattern[0]).sum()),
         max_nonzeros=int(counts.max()) if counts.numel() else 0,
+        negative_zeros=negative,
     )
 
 
@@ -405,10 +534,19 @@ class NMSparsifier:
                     f"{target.name}: already has an NMSparsifier attached. Call detach() on the "
                     f"old one first."
                 )
+            if target.adapter is not None:
+                _check_lora(target.adapter, target.name)
+        held = self._weight_patterns() if config.mask_source == "weights" else {}
         for target in self.targets:
             state = LayerSparsity(target, config.sparse_dim, stage_maps[target.name])
+            if target.name in held:  # held from step 0, as a frozen fine-tune holds its mask
+                state.frozen_mask, state.freeze_pruned = held[target.name], True
             setattr(target.module, ATTR, state)
             target.module.forward = types.MethodType(_FORWARDS[target.kind], target.module)
+            if target.adapter is not None:
+                lora = target.adapter
+                lora.forward = types.MethodType(_lora_forward, lora)
+                lora.get_delta_weight = types.MethodType(_lora_delta_weight, lora)
             self.layers[target.name] = state
         if total_steps is not None:
             self.update(0)
@@ -471,6 +609,42 @@ class NMSparsifier:
                 maps[target.name][k] = {p: maps[target.name][k][p] for p in seq}
         return maps
 
+    @torch.no_grad()
+    def _weight_patterns(self) -> dict[str, torch.Tensor]:
+        """``mask_source="weights"``: each target's mask is its weight's non-zero pattern (laid
+        out ``[out, in]``), which must already be N:M at every block's target pattern."""
+        errors: list[str] = []
+        masks: dict[str, torch.Tensor] = {}
+        for target in self.targets:
+            weight = _laid_out(target).detach()
+            masks[target.name] = weight != 0
+            for block in target.blocks:
+                pattern = self.config.target_pattern(block.location)
+                part = _block_view(weight, block)
+                check = check_layer(
+                    target.name, part, block.location, pattern, self.config.sparse_dim
+                )
+                if not check.ok:
+                    groups = check.numel // pattern[1]
+                    errors.append(
+                        f"{target.name}"
+                        + ("" if block.rows is None else f" [{block.location} rows]")
+                        + f": {check.violations} of {groups} groups hold more than {pattern[0]}"
+                        f" non-zeros (up to {check.max_nonzeros}; target {pattern[0]}:"
+                        f"{pattern[1]}, {block.location})"
+                    )
+        if errors:
+            more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+            raise NMTargetError(
+                "mask_source='weights' holds each targeted weight's non-zero pattern, so it must "
+                "already be N:M:\n  "
+                + "\n  ".join(errors[:10])
+                + more
+                + "\nPrune the model to the target pattern first (one-shot pruning: magnitude, "
+                "Wanda or SparseGPT), or use mask_source='magnitude' to train the pattern."
+            )
+        return masks
+
     def _fits(self, shape: tuple[int, ...], m: int) -> bool:
         try:
             check_divisible(shape, m, self.config.sparse_dim)
@@ -492,7 +666,8 @@ class NMSparsifier:
         Pure in the step (resuming at ``t`` gives the plan of an uninterrupted run at ``t``), except
         for ``finetune_mask="frozen"``: entering fine-tune fixes each layer's mask and zeroes its
         pruned weights, and every later call zeroes them again (optimizers such as Adam move
-        weights whose gradient is zero).
+        weights whose gradient is zero). ``mask_source="weights"`` holds the mask fixed at
+        attach the same way from step 0.
         """
         if self.total_steps is None:
             raise NMSparsityError(
@@ -503,7 +678,9 @@ class NMSparsifier:
         self.plan = plan
         cfg = self.config
         lam = cfg.srste_lambda if cfg.sparsity_type == "srste" else 0.0
-        frozen = plan.phase == "finetune" and cfg.finetune_mask == "frozen"
+        frozen = cfg.mask_source == "weights" or (
+            plan.phase == "finetune" and cfg.finetune_mask == "frozen"
+        )
         alpha: float | torch.Tensor = plan.alpha
         for state in self.layers.values():
             state.cached_mask = None  # one mask per optimizer step, recomputed from W now
@@ -531,7 +708,12 @@ class NMSparsifier:
             state = self.layers[target.name]
             weight = _laid_out(target)
             if state.frozen_mask is None or state.frozen_mask.shape != weight.shape:
-                state.frozen_mask = state.mask(weight, state.target_patterns)
+                # fixed now (or per shard once FSDP2 sharded the weight the mask was taken from)
+                state.frozen_mask = (
+                    weight != 0
+                    if self.config.mask_source == "weights"
+                    else state.mask(weight, state.target_patterns)
+                )
             # the model may have moved since the mask was fixed (e.g. to the GPU): it follows
             state.frozen_mask = state.frozen_mask.to(weight.device)
             weight.masked_fill_(~state.frozen_mask, 0)
@@ -539,12 +721,17 @@ class NMSparsifier:
     # ------------------------------------------------------------------ end of training
     @torch.no_grad()
     def finalize(self) -> VerificationReport:
-        """Bake the target masks into the weights (W ← W ⊙ Φ(W; target)), switch every layer to
-        its plain forward, and return the verification. Idempotent."""
+        """Bake the target masks into the weights (W ← W ⊙ Φ(W; target), or the held mask of
+        ``finetune_mask="frozen"`` / ``mask_source="weights"``), switch every layer to its plain
+        forward, and return the verification. Pruned entries become +0.0 (never -0.0, which
+        bit-pattern readers count as non-zero); kept ones keep their bits. Idempotent."""
         for target in self.targets:
             state = self.layers[target.name]
             weight = _laid_out(target)
-            weight.mul_(state.mask(weight, state.target_patterns))
+            held = state.frozen_mask
+            if not (state.freeze_pruned and held is not None and held.shape == weight.shape):
+                held = state.mask(weight, state.target_patterns)
+            weight.masked_fill_(~held.to(weight.device), 0)
             state.final = True
             state.active = False
             state.cached_mask = None
@@ -574,6 +761,8 @@ class NMSparsifier:
             if getattr(module, ATTR, None) is self.layers.get(target.name):
                 del module.forward
                 delattr(module, ATTR)
+                if target.adapter is not None:
+                    del target.adapter.forward, target.adapter.get_delta_weight
         self.layers = {}
 
     # ------------------------------------------------------------------ reporting

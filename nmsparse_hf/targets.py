@@ -15,6 +15,15 @@ Three ways to choose:
   matched against the current module names and against the names the checkpoint files use;
 * ``target_modules="all-linear"``: every Linear / Conv1D except the output head, as in PEFT.
 
+**PEFT models** (a ``PeftModel``, a PEFT tuner such as ``LoraModel``, or a transformers model
+with adapters added in place): presets and patterns resolve against the names the layers had
+before PEFT wrapped them (``model.layers.0.self_attn.q_proj``, not
+``base_model.model.model.layers.0.self_attn.q_proj.base_layer``), the targeted module is the
+wrapped base layer, and a target records its LoRA layer (`TargetLayer.adapter`) so that the
+sparsifier can mask the adapter's delta too. LoRA matrices, dropout and ``modules_to_save``
+copies are never targets (``all-linear`` included). PEFT is recognised by class names, never
+imported here.
+
 Never sparse in a preset: embeddings (patch and token), heads (classifier, pooler, ``lm_head``,
 ``score``), norms, position tables, Swin patch merging and Swinv2's continuous-position-bias MLP.
 Every Linear/Conv1D/Conv2d layer that is not targeted is listed as skipped, with the reason.
@@ -186,13 +195,16 @@ class TargetLayer:
     """A targeted layer: its name, the module, its kind and its sparse blocks.
 
     ``kind`` is ``linear``, ``conv1d`` (transformers' Conv1D, weight stored ``[in, out]``:
-    ``fan_in_fan_out``) or ``conv``.
+    ``fan_in_fan_out``) or ``conv``. On a PEFT model, ``name`` is the layer's name without PEFT's
+    wrapping, ``module`` the wrapped base layer and ``adapter`` the PEFT layer around it (None
+    elsewhere).
     """
 
     name: str
     module: nn.Module
     kind: str
     blocks: list[SparseBlock] = field(default_factory=list)
+    adapter: nn.Module | None = None
 
     @property
     def locations(self) -> list[str]:
@@ -243,8 +255,79 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def _layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    return [(n, m, k) for n, m in model.named_modules() if (k := _kind(m)) is not None]
+# ---------------------------------------------------------------------------------- PEFT
+# PEFT's wrappers, by class name: a tuner layer keeps the original under ``base_layer`` (LoRA
+# adds lora_A / lora_B / lora_dropout ... beside it); a modules_to_save wrapper keeps it under
+# ``original_module`` and trains a copy under ``modules_to_save``.
+_TUNER_LAYER = "BaseTunerLayer"
+_SAVE_WRAPPERS = ("ModulesToSaveWrapper", "AuxiliaryTrainingWrapper")
+_WRAPPED = {_TUNER_LAYER: "base_layer", **{cls: "original_module" for cls in _SAVE_WRAPPERS}}
+
+
+def _class_names(module: nn.Module) -> set[str]:
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
+def _wrapped_child(module: nn.Module) -> str | None:
+    """The child holding the original layer if ``module`` is a PEFT wrapper, else None."""
+    return next((child for cls, child in _WRAPPED.items() if cls in _class_names(module)), None)
+
+
+def peft_base_model(model: nn.Module) -> nn.Module:
+    """The model inside PEFT's ``PeftModel`` and tuner (``LoraModel``) wrappers; ``model`` itself
+    when it is not one (a transformers model with adapters added in place is its own base)."""
+    while True:
+        classes = _class_names(model)
+        if {"PeftModel", "PeftMixedModel"} & classes and callable(
+            getattr(model, "get_base_model", None)
+        ):
+            model = model.get_base_model()
+        elif "BaseTuner" in classes and isinstance(getattr(model, "model", None), nn.Module):
+            model = model.model
+        else:
+            return model
+
+
+@dataclass
+class _Walk:
+    """The modules of a model under the names they had before PEFT wrapped them: ``modules``
+    (original name, module), without adapter internals and ``modules_to_save`` copies;
+    ``wrappers``: original name -> the PEFT wrapper around that layer."""
+
+    modules: list[tuple[str, nn.Module]] = field(default_factory=list)
+    wrappers: dict[str, nn.Module] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Walk:
+        walk = cls()
+        # a wrapper's module name -> (the child holding the original, the wrapper, its own name
+        # as listed); named_modules lists a wrapper before everything inside it
+        wrapped: dict[str, tuple[str, nn.Module, str]] = {}
+        for raw, module in model.named_modules():
+            name = raw
+            parts = raw.split(".")
+            owner = next(
+                (p for i in range(len(parts) - 1, 0, -1) if (p := ".".join(parts[:i])) in wrapped),
+                None,
+            )
+            if owner is not None:
+                child, wrapper, owner_name = wrapped[owner]
+                rest = parts[owner.count(".") + 1 :]
+                if rest[0] != child:
+                    continue  # adapter matrices, dropout, a modules_to_save copy
+                name = ".".join([owner_name, *rest[1:]])
+                if len(rest) == 1:
+                    walk.wrappers[name] = wrapper
+            child = _wrapped_child(module)
+            if child is not None and raw:
+                wrapped[raw] = (child, module, name)
+                continue  # listed under its name as the original layer inside it
+            walk.modules.append((name, module))
+        return walk
+
+    def layers(self) -> list[tuple[str, nn.Module, str]]:
+        """(name, module, kind) of every Linear / Conv1D / Conv2d."""
+        return [(n, m, k) for n, m in self.modules if (k := _kind(m)) is not None]
 
 
 def model_family(model: nn.Module) -> str | None:
@@ -317,7 +400,7 @@ def _nearest(entry: str, names: Iterable[str]) -> list[str]:
 def _check_patterns_match(
     model: nn.Module,
     config: NMSparsityConfig,
-    layers: list[tuple[str, nn.Module, str]],
+    walk: _Walk,
     names: _Names,
 ) -> None:
     """Every ``target_modules`` / ``exclude_modules`` entry (a regex string counts as one) must
@@ -330,8 +413,8 @@ def _check_patterns_match(
             "target_modules": config.target_modules,
             "exclude_modules": config.exclude_modules,
         }
-        _check_non_layers(model, config.target_modules)
-    all_names = [n for name, _, _ in layers for n in names.of(name)]
+        _check_non_layers(walk, config.target_modules)
+    all_names = [n for name, _, _ in walk.layers() for n in names.of(name)]
     for field_name, value in patterns.items():
         if value is None:
             continue
@@ -354,14 +437,14 @@ def _check_patterns_match(
             )
 
 
-def _check_non_layers(model: nn.Module, patterns: str | list[str] | None) -> None:
+def _check_non_layers(walk: _Walk, patterns: str | list[str] | None) -> None:
     """A target pattern that names a module with weights of its own (LayerNorm, Embedding, ...)
     cannot be made N:M; containers and activations without parameters are passed over."""
     if patterns is None:
         return
     bad = [
         f"{name} ({type(module).__name__})"
-        for name, module in model.named_modules()
+        for name, module in walk.modules
         if _kind(module) is None
         and any(True for _ in module.parameters(recurse=False))
         and matches(name, patterns)
@@ -425,7 +508,10 @@ def _output_heads(model: nn.Module) -> set[int]:
     """ids of the output embedding (``get_output_embeddings``) — the head ``all-linear`` skips."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    return {id(head)} if head is not None else set()
+    if head is None:
+        return set()
+    base = getattr(head, "base_layer", None)  # a head PEFT wrapped
+    return {id(head)} | ({id(base)} if isinstance(base, nn.Module) else set())
 
 
 def _never_sparse(name: str, preset: bool) -> str | None:
@@ -506,13 +592,13 @@ def _check_found(
 def _check_tied(model: nn.Module, targets: list[TargetLayer]) -> None:
     """Refuse a targeted weight that another module shares (tied ``lm_head`` / embeddings):
     masking it would silently mask the other module too."""
-    owners: dict[int, list[str]] = {}
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), []).append(f"{name}.{pname}" if name else pname)
+            owners.setdefault(id(param), []).append((f"{name}.{pname}" if name else pname, module))
     for target in targets:
         own = f"{target.name}.weight"
-        others = [n for n in owners.get(id(target.module.weight), []) if n != own]
+        others = [n for n, m in owners.get(id(target.module.weight), []) if m is not target.module]
         if others:
             raise NMTargetError(
                 f"{own} is tied to {', '.join(others)} (the same tensor, e.g. "
@@ -521,6 +607,30 @@ def _check_tied(model: nn.Module, targets: list[TargetLayer]) -> None:
                 f"(or add it to exclude_modules), or untie the weights (e.g. "
                 f"config.tie_word_embeddings=False before building the model)."
             )
+
+
+def _attach_adapters(targets: list[TargetLayer], wrappers: dict[str, nn.Module]) -> None:
+    """Record the PEFT layer around each targeted layer; refuse a target that PEFT trains as a
+    ``modules_to_save`` copy (the copy, not the layer, is what trains and merges) or wraps in a
+    tuner other than LoRA (whose delta the sparsifier cannot keep N:M)."""
+    for target in targets:
+        wrapper = wrappers.get(target.name)
+        if wrapper is None:
+            continue
+        kind = type(wrapper).__name__
+        if _TUNER_LAYER not in _class_names(wrapper):
+            raise NMTargetError(
+                f"{target.name} is in PEFT's modules_to_save ({kind}): PEFT trains and saves a "
+                f"dense copy of it, so it cannot be N:M. Remove it from modules_to_save, or leave "
+                f"it dense (exclude_modules={[target.name]!r})."
+            )
+        if not all(hasattr(wrapper, a) for a in ("lora_A", "lora_B", "scaling")):
+            raise NMTargetError(
+                f"{target.name} is wrapped by the PEFT tuner layer {type(wrapper).__module__}."
+                f"{kind}, not LoRA: its weight update cannot be kept N:M. Use LoRA (LoraConfig), "
+                f"or leave the layer dense (exclude_modules={[target.name]!r})."
+            )
+        target.adapter = wrapper
 
 
 def _no_preset_error(model: nn.Module) -> NMTargetError:
@@ -543,19 +653,24 @@ def find_targets(
     pattern: Q/K/V use the qkv pattern); ``"all-linear"`` targets every Linear/Conv1D except the
     output head and the never-sparse layers. Otherwise the model-family preset targets the layers
     of ``config.locations``. ``exclude_modules`` applies last in every case. Patterns match the
-    current module names and the on-disk names of a ``PreTrainedModel``.
+    current module names and the on-disk names of a ``PreTrainedModel``. On a PEFT model they
+    match the names the layers had before PEFT wrapped them, and the targets are the wrapped base
+    layers (with their LoRA layer as `TargetLayer.adapter`).
 
     Raises:
         NMTargetError: no preset and no patterns; a pattern entry or a configured location that
             matches no layer (with the nearest names); a target pattern that matches a module
-            with weights that is not a layer; a targeted weight tied to another module.
+            with weights that is not a layer; a targeted weight tied to another module; a target
+            that PEFT trains as a ``modules_to_save`` copy or wraps in a tuner other than LoRA.
     """
+    model = peft_base_model(model)
     family = model_family(model)
     if config.target_modules is None and family is None:
         raise _no_preset_error(model)
-    layers = _layers(model)
+    walk = _Walk.of(model)
+    layers = walk.layers()
     names = _Names(model, [name for name, _, _ in layers], config)
-    _check_patterns_match(model, config, layers, names)
+    _check_patterns_match(model, config, walk, names)
     resolver = _Resolver(model, config, names)
     targets: list[TargetLayer] = []
     skipped: list[SkippedLayer] = []
@@ -564,4 +679,5 @@ def find_targets(
         (targets if isinstance(result, TargetLayer) else skipped).append(result)
     _check_found(model, config, family, targets)
     _check_tied(model, targets)
+    _attach_adapters(targets, walk.wrappers)
     return targets, skipped

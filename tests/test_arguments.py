@@ -20,7 +20,7 @@ ARG_FIELDS = {
 
 def test_same_field_names():
     assert set(ARG_FIELDS) == set(CONFIG_FIELDS)
-    assert len(CONFIG_FIELDS) == 19
+    assert len(CONFIG_FIELDS) == 20
 
 
 @pytest.mark.parametrize("name", sorted(CONFIG_FIELDS))
