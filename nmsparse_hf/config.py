@@ -90,6 +90,11 @@ def parse_locations(value: Any) -> tuple[str, ...]:
     names, so ``KQFF`` means FF, Q, K and a typo such as ``FN`` is refused instead of silently
     meaning nothing. Raises `NMSparsityConfigError` naming an unknown location.
     """
+    if isinstance(value, Mapping) or not isinstance(value, str | Iterable | None):
+        raise NMSparsityConfigError(
+            f"locations: expected a comma-separated string or a list of location names, got "
+            f"{value!r}; write e.g. 'FF,Q,K' (or the list [FF, Q, K] in YAML)."
+        )
     out: set[str] = set()
     for raw in _as_list(value):
         parts = _split_location_token(raw.upper().replace(" ", ""))
@@ -426,7 +431,7 @@ class NMSparsityConfig:
             val = getattr(self, name)
             if val is None or isinstance(val, str):
                 continue
-            if not isinstance(val, Iterable):
+            if isinstance(val, Mapping) or not isinstance(val, Iterable):
                 raise NMSparsityConfigError(
                     f"{name}: expected a regex string or a list of names, got {val!r}."
                 )

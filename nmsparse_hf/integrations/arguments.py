@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +13,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from ..config import NMSparsityConfig
+from ..errors import NMSparsityConfigError
 
 logger = logging.get_logger(__name__)
 
@@ -63,6 +66,7 @@ class SparseTrainingArguments(TrainingArguments):
     exclude_modules: list[str] | None = _sparsity_field("exclude_modules")
 
     def __post_init__(self):
+        check_training_values(self)  # before transformers reads them
         super().__post_init__()
         self.sparsity_config()  # fail on bad sparsity settings when the arguments are parsed
 
@@ -73,6 +77,92 @@ class SparseTrainingArguments(TrainingArguments):
         for key in ("target_modules", "exclude_modules"):
             values[key] = _patterns(values[key])
         return NMSparsityConfig(**values)
+
+
+class TrainingArgumentsError(NMSparsityConfigError):
+    """A `TrainingArguments` value is out of range: the message names the field, the value and
+    the fix."""
+
+
+def _number(low: float = 0.0, below: float = math.inf, optional: bool = False):
+    """A test: a finite real number in ``[low, below)`` (``None`` too, if ``optional``)."""
+
+    def ok(value: Any) -> bool:
+        if value is None:
+            return optional
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        return math.isfinite(value) and low <= value < below
+
+    return ok
+
+
+def _integer(low: int, optional: bool = False, also: tuple[int, ...] = ()):
+    """A test: an integer ``>= low`` or one of ``also`` (``None`` too, if ``optional``)."""
+
+    def ok(value: Any) -> bool:
+        if value is None:
+            return optional
+        if isinstance(value, bool) or not isinstance(value, int):
+            return False
+        return value >= low or value in also
+
+    return ok
+
+
+# (field, test, what it must be and the fix): TrainingArguments values that transformers takes
+# without a check and that would train wrongly (a negative or NaN step size, max_steps=-5 running
+# for num_train_epochs) or fail at step 1 with a traceback (a batch size or accumulation of 0).
+TRAINING_VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("learning_rate", _number(), "must be a finite number >= 0, e.g. 1e-3"),
+    ("weight_decay", _number(), "must be a finite number >= 0 (0 turns weight decay off)"),
+    ("adam_beta1", _number(below=1.0), "must lie in [0, 1), e.g. 0.9"),
+    ("adam_beta2", _number(below=1.0), "must lie in [0, 1), e.g. 0.999"),
+    ("adam_epsilon", _number(), "must be a finite number >= 0, e.g. 1e-8"),
+    (
+        "max_grad_norm",
+        _number(optional=True),
+        "must be a finite number >= 0 or None (0 or None turns gradient clipping off), e.g. 1.0",
+    ),
+    (
+        "label_smoothing_factor",
+        _number(below=1.0),
+        "must lie in [0, 1): 0 turns label smoothing off, 0.1 is usual",
+    ),
+    ("num_train_epochs", _number(), "must be a finite number >= 0, e.g. 3"),
+    (
+        "max_steps",
+        _integer(1, also=(-1,)),
+        "must be a positive number of optimizer steps, or -1 to train for num_train_epochs",
+    ),
+    ("per_device_train_batch_size", _integer(1), "must be a positive integer, e.g. 8"),
+    ("per_device_eval_batch_size", _integer(1), "must be a positive integer, e.g. 8"),
+    (
+        "gradient_accumulation_steps",
+        _integer(1),
+        "must be a positive integer (1 = no accumulation)",
+    ),
+    (
+        "eval_accumulation_steps",
+        _integer(1, optional=True),
+        "must be a positive integer, or None to gather predictions at the end",
+    ),
+    (
+        "dataloader_num_workers",
+        _integer(0),
+        "must be an integer >= 0 (0 loads the data in the main process)",
+    ),
+)
+
+
+def check_training_values(args: Any) -> None:
+    """Raise `TrainingArgumentsError` for the first value of ``args`` that breaks a rule of
+    `TRAINING_VALUE_RULES` (each names the field, its value and the fix). Called by
+    `SparseTrainingArguments.__post_init__`, i.e. whenever the arguments are built or parsed."""
+    for name, ok, requirement in TRAINING_VALUE_RULES:
+        value = getattr(args, name)
+        if not ok(value):
+            raise TrainingArgumentsError(f"{name}={value!r}: {requirement}.")
 
 
 def _patterns(value):
