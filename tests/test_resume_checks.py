@@ -113,3 +113,39 @@ def test_a_checkpoint_without_recorded_settings_resumes_with_a_warning(run, tmp_
     trainer.train(resume_from_checkpoint=True)
     assert any("records no sparsity settings" in w for w in warnings)
     assert json.loads((out / "checkpoint-6" / resume.SPARSITY_STATE).read_text())["step"] == 6
+
+
+def test_the_summary_tells_steps_run_now_from_steps_in_all():
+    from nmsparse_hf.recipes.common import format_summary
+
+    summary = {
+        "recipe": "STE",
+        "pattern": {"FF": "1:8"},
+        "sparse_dim": "row",
+        "steps": 150,
+        "steps_now": 100,
+        "seconds": 3.0,
+        "eval": {},
+        "sparsity_by_location": {"FF": 0.875},
+        "achieved_sparsity": 0.875,
+        "verified": True,
+        "layers_verified": "4/4",
+        "distributed": {"world_size": 1, "wrapper": "ViTForImageClassification"},
+        "checkpoint": "/out/final",
+    }
+    assert "trained 100 optimizer steps now (150 in all) in 3.0 s" in format_summary(summary)
+
+
+def test_distributed_mode_reads_the_wrapper_not_the_configuration(tmp_path, monkeypatch):
+    from torch.distributed.fsdp import FSDPModule
+
+    trainer = _trainer(tmp_path / "out")
+    mode = trainer.distributed_mode()
+    assert (mode["mode"], mode["processes"], mode["note"]) == ("single", 1, None)
+    # FSDP configured, but the model is not sharded (what accelerate does with FSDP flags on CPU)
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    assert "not sharded" in trainer.distributed_mode()["note"]
+    # fully_shard swaps each sharded module's class for an FSDPModule subclass
+    vit = trainer.model.vit
+    vit.__class__ = type(f"FSDP{type(vit).__name__}", (FSDPModule, type(vit)), {})
+    assert trainer.distributed_mode()["mode"] == "FSDP2"

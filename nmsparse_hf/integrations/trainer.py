@@ -29,6 +29,7 @@ from ..export.checkpoint import write_model_card
 from ..sparsifier import NMSparsifier
 from .arguments import SparseTrainingArguments
 from .callback import NMSparsityCallback
+from .distributed import distributed_mode
 from .resume import (
     TRAINER_STATE,
     check_sparsity_state,
@@ -148,6 +149,11 @@ class NMSparseTrainer(Trainer):
                 f"another checkpoint, or resume_from_checkpoint=True for the newest readable one."
             )
         return str(value)
+
+    def distributed_mode(self) -> dict:
+        """How this run was really distributed, from the model's wrapper (`distributed_mode`:
+        ``mode`` single / DDP / FSDP1 / FSDP2 / DeepSpeed, ``processes``, ``wrapper``, ``note``)."""
+        return distributed_mode(self)
 
     @property
     def steps_this_run(self) -> int:

@@ -116,6 +116,7 @@ def summarize(trainer, metrics, final_dir, report, seconds, notes) -> dict[str, 
         "pattern": {loc: "{}:{}".format(*cfg.target_pattern(loc)) for loc in sorted(by_loc)},
         "sparse_dim": cfg.sparse_dim,
         "steps": trainer.state.global_step,
+        "steps_now": getattr(trainer, "steps_this_run", trainer.state.global_step),
         "seconds": round(seconds, 1),
         "eval": numbers(metrics),
         "sparsity_by_location": {k: round(sum(v) / len(v), 4) for k, v in by_loc.items()},
@@ -139,7 +140,8 @@ def format_summary(s: dict[str, Any]) -> str:
         line,
         f"nmsparse_hf | {s['recipe']} | {', '.join(f'{k} {v}' for k, v in s['pattern'].items())}"
         f" kept (dim={s['sparse_dim']})",
-        f"trained {s['steps']} optimizer steps in {s['seconds']} s",
+        f"trained {s.get('steps_now', s['steps'])} optimizer steps now ({s['steps']} in all) "
+        f"in {s['seconds']} s",
         f"eval: {evals or 'not run (--do_eval false)'}",
         "sparsity by location: "
         + ", ".join(f"{k} {v:.1%}" for k, v in s["sparsity_by_location"].items())
