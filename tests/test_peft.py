@@ -180,6 +180,26 @@ def test_merge_and_unload_is_nm_with_the_adapter_models_logits(mask_source):
     assert not torch.equal(modules["model.layers.0.mlp.up_proj"].weight, start)
 
 
+def test_the_merged_model_saves_as_a_verified_sparse_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nmsparse_hf.export import save_sparse_pretrained, verify_checkpoint
+
+    model = _lora(_pruned("llama"))
+    sparsifier = NMSparsifier(model, NMSparsityConfig(locations=ALL, mask_source="weights"), 3)
+    _train(model, sparsifier, 3)
+    sparsifier.finalize()
+    merged = model.merge_and_unload()
+    path = save_sparse_pretrained(merged, sparsifier, tmp_path / "merged")
+    report = verify_checkpoint(path)
+    assert report.ok and report.negative_zeros == 0
+    assert len(report.layers) == len(sparsifier.targets)
+    reloaded = AutoModelForCausalLM.from_pretrained(path)
+    inputs = example_inputs("lm")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, merged.eval()(**inputs).logits)
+
+
 def test_default_magnitude_masks_dense_base_and_delta_alike():
     """Without mask_source, the frozen dense base is masked by |W| every step (the mask does not
     move), finalize prunes it, and the delta follows the same mask."""

@@ -59,6 +59,10 @@ class NMSparsityCallback(TrainerCallback):
 
     With a stock ``Trainer``, reporting callbacks run before callbacks passed in ``callbacks=``;
     use `NMSparsityCallback.add_to(trainer)` to put it first so TensorBoard & co. see its metrics.
+
+    On a PEFT model (``get_peft_model`` or TRL's ``SFTTrainer(peft_config=...)``), ``add_to``
+    attaches to the wrapped base layers and masks each LoRA delta with its base layer's mask
+    (docs/METHOD.md §5.5); after training, ``trainer.model.merge_and_unload()`` is exactly N:M.
     """
 
     def __init__(self, sparsifier: NMSparsifier, finalize_at_end: bool = True):
