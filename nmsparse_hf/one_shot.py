@@ -616,10 +616,12 @@ def _run_list(
         if not tokens and stats:
             tokens = next(iter(stats.values())).tokens
         rows += _prune_with_stats(block_targets, stats, opts)
+        progress.update(1)
+        if i + 1 == len(blocks):
+            break  # a next list, or the targets outside, start from a forward of the whole model
         for b, batch_calls in enumerate(calls):  # the pruned block: the next block's inputs
             call = batch_calls[i].with_hidden(hidden[b])
             hidden[b] = _block_output(f"{name}.{i}", block(*call.args, **call.kwargs), hidden[b])
-        progress.update(1)
     return rows, tokens
 
 

@@ -135,14 +135,24 @@ def test_magnitude_groups_columns_with_sparse_dim_col():
 
 
 # ---------------------------------------------------------------------------------- Wanda
-def test_wanda_block_by_block_equals_the_direct_score():
+LLAMA_WITH_HEAD = r".*\.(q_proj|k_proj|v_proj|o_proj|mlp\.\w+)|lm_head"
+
+
+@pytest.mark.parametrize(
+    "family, overrides, targets",
+    [
+        ("llama", {}, {"target_modules": LLAMA_WITH_HEAD}),
+        # block 0 attends in a sliding window of 4, block 1 to everything: each block must be
+        # run with its own attention mask
+        ("gemma2", {"sliding_window": 4}, {"locations": ALL}),
+    ],
+)
+def test_wanda_block_by_block_equals_the_direct_score(family, overrides, targets):
     """Block 0's masks come from the unpruned model's inputs; block 1's from the model with block
     0 already pruned (not from the unpruned one); lm_head, outside the blocks, from the fully
     pruned model."""
-    config = NMSparsityConfig(
-        n_keep=2, m=4, target_modules=r".*\.(q_proj|k_proj|v_proj|o_proj|mlp\.\w+)|lm_head"
-    )
-    model = tiny_text_model("llama", seed=1)
+    config = NMSparsityConfig(n_keep=2, m=4, **targets)
+    model = tiny_text_model(family, seed=1, **overrides)
     reference = copy.deepcopy(model)
     batches = calibration()
     report = one_shot(model, config, "wanda", calibration=batches, progress=False)
@@ -159,7 +169,8 @@ def test_wanda_block_by_block_equals_the_direct_score():
     assert all(torch.equal(kept(model, second)[n], masks1[n]) for n in second)
     # the statistics of block 1 depend on whether block 0 was pruned: the test can tell
     assert any(not torch.equal(masks1[n], from_unpruned[n]) for n in second)
-
+    if "target_modules" not in targets:
+        return
     apply_masks(reference, masks1)
     head = wanda_masks(reference, ["lm_head"], batches, config)["lm_head"]
     assert torch.equal(kept(model, ["lm_head"])["lm_head"], head)
@@ -357,3 +368,23 @@ def test_cli_prune_bad_input_exits_2(saved_llama, tmp_path, capsys):
     assert "bad.jsonl:2" in capsys.readouterr().err
     assert main(["prune", str(tmp_path / "nothing"), str(out)]) == 2
     assert not out.exists()
+
+
+def test_cli_prune_magnitude_from_a_seed_style_config(saved_llama, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("sparsity:\n  n_sparsity: 1\n  m_sparsity: 8\n  sparsity_loc: FF,O\n")
+    out = tmp_path / "out"
+    argv = ["prune", str(saved_llama), str(out), "--config", str(recipe), "--m-qkv", "4"]
+    assert main(argv) == 0
+    meta = json.loads((out / "config.json").read_text())["nm_sparsity"]
+    assert (meta["n_keep"], meta["m"], sorted(meta["locations"])) == (1, 8, ["FF", "O"])
+    assert meta["m_qkv"] == 4 and meta["achieved_sparsity"] == pytest.approx(7 / 8)
+    assert main(["verify", str(out)]) == 0
+    assert main(argv) == 0  # a previous save into OUT is replaced
+    capsys.readouterr()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["prune", str(saved_llama), str(other), "--config", str(recipe)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
