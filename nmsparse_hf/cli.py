@@ -56,14 +56,16 @@ def _one_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------- verify
 def _verify(args: argparse.Namespace) -> int:
-    from .export import verify_checkpoint
+    from .export import NMIncompleteCheckpointError, verify_checkpoint
 
     try:
         report = verify_checkpoint(args.path)
     except (NMSparsityError, OSError) as exc:
-        reason = f"cannot read {args.path}: {_one_line(exc)}"
+        incomplete = isinstance(exc, NMIncompleteCheckpointError)  # an interrupted save
+        reason = _one_line(exc) if incomplete else f"cannot read {args.path}: {_one_line(exc)}"
         if args.json:
-            print(json.dumps({"ok": False, "error": reason}))
+            state = {"state": "incomplete"} if incomplete else {}
+            print(json.dumps({"ok": False, "error": reason, **state}))
         print(f"nmsparse verify: {reason}", file=sys.stderr)
         return EXIT_UNREADABLE
     bad = [c.name for c in report.layers if not c.ok]
@@ -102,6 +104,7 @@ def _verify(args: argparse.Namespace) -> int:
                         for c in report.layers
                     ],
                     "problems": report.problems,
+                    "warnings": report.warnings(),
                 },
                 indent=2,
             )
@@ -119,18 +122,9 @@ def _argument_keys() -> set[str]:
     """The fields of the recipes' model, data, training and sparsity arguments."""
     import dataclasses
 
-    from transformers import TrainingArguments
+    from .recipes.arguments import recipe_keys
 
-    from .data import DataArguments
-    from .recipes.models import ModelArguments
-    from .recipes.text_classification import TextDataArguments, TextModelArguments
-
-    classes = (ModelArguments, DataArguments, TextModelArguments, TextDataArguments)
-    return {
-        f.name
-        for dc in (*classes, TrainingArguments, NMSparsityConfig)
-        for f in dataclasses.fields(dc)
-    }
+    return recipe_keys() | {f.name for f in dataclasses.fields(NMSparsityConfig)}
 
 
 def _recipe_keys() -> set[str]:
@@ -327,17 +321,11 @@ _MODEL_KEYS = ("model_name_or_path", "model_config", "config_overrides", "num_la
 
 
 def _named_model(path: str) -> dict[str, Any]:
-    """The model keys a config file names (a seed-style YAML's timm ``model`` translated)."""
-    import yaml
+    """The model keys a config file names (a seed-style YAML's timm ``model`` translated, by
+    the recipes' one reader of config files)."""
+    from .recipes.arguments import config_file_settings
 
-    from .recipes.seed import is_seed_yaml, seed_yaml_to_args
-
-    with open(path) as fh:
-        data = yaml.safe_load(fh)
-    if not isinstance(data, dict):
-        return {}
-    if is_seed_yaml(data, _argument_keys()):
-        data, _ = seed_yaml_to_args(data)
+    data, _, _ = config_file_settings(path)
     return {key: data[key] for key in _MODEL_KEYS if data.get(key) is not None}
 
 

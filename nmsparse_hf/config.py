@@ -165,6 +165,20 @@ def _to_bool(field_name: str, value: Any) -> bool:
     raise NMSparsityConfigError(f"{field_name}: expected true or false, got {value!r}.")
 
 
+def _check_regex(field_name: str, pattern: str) -> None:
+    """Refuse a ``target_modules`` / ``exclude_modules`` string that is not a valid regular
+    expression (it is matched against whole module names with `re.fullmatch`)."""
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise NMSparsityConfigError(
+            f"{field_name}: {pattern!r} is not a valid regular expression ({exc}); fix it, or "
+            f"pass a list of module names."
+        ) from None
+
+
 def _read_yaml(path: Path) -> Any:
     """`yaml.safe_load` of a file, every way it can be unreadable as a one-line error."""
     import yaml
@@ -429,6 +443,8 @@ class NMSparsityConfig:
     def _normalise_targets(self) -> None:
         for name in ("target_modules", "exclude_modules"):
             val = getattr(self, name)
+            if isinstance(val, str):
+                _check_regex(name, val)
             if val is None or isinstance(val, str):
                 continue
             if isinstance(val, Mapping) or not isinstance(val, Iterable):

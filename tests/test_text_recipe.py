@@ -10,8 +10,10 @@ import json
 import pytest
 from _tiny_text import tiny_text_model, word_tokenizer
 
+from nmsparse_hf import NMSparsityConfig
 from nmsparse_hf.errors import NMSparsityConfigError
 from nmsparse_hf.recipes import text_classification as recipe
+from nmsparse_hf.recipes.arguments import parse_args
 
 WORDS = [f"w{i}" for i in range(40)] + ["neg", "pos", "sentence", "sentence1", "sentence2", ":"]
 
@@ -87,6 +89,31 @@ def test_bert_style_on_local_csv_exports_a_pipeline_ready_checkpoint(tmp_path):
     assert (final / "tokenizer.json").is_file() or (final / "tokenizer_config.json").is_file()
     config = json.loads((final / "config.json").read_text())
     assert config["id2label"] == {"0": "neg", "1": "pos"}
+    classify = pipeline("text-classification", model=str(final), device="cpu")
+    assert classify("w1 w2 w3")[0]["label"] in {"neg", "pos"}
+
+
+def test_a_csv_and_one_command_train_the_built_in_tiny_bert(tmp_path):
+    """No model given: ``tiny-bert`` is built from scratch with a WordPiece tokenizer trained on
+    the training column, offline; the checkpoint loads in ``pipeline()`` with that tokenizer."""
+    from transformers import AutoTokenizer, pipeline
+
+    for split, n in (("train", 24), ("dev", 8)):
+        with open(tmp_path / f"{split}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["sentence", "sentence2", "label"])
+            writer.writeheader()
+            writer.writerows(_rows(n, seed=len(split)))
+    argv = ["--train_file", str(tmp_path / "train.csv"), "--validation_file"]
+    argv += [str(tmp_path / "dev.csv"), "--output_dir", str(tmp_path / "out"), "--max_steps", "3"]
+    summary = recipe.run([*argv, "--report_to", "none", "--disable_tqdm", "true"])
+    final = tmp_path / "out" / "final"
+    default = NMSparsityConfig()  # the sparsity settings' own defaults
+    assert summary["verified"] and summary["steps"] == 3
+    assert summary["pattern"] == {"FF": f"{default.n_keep}:{default.m}"}
+    assert json.loads((final / "config.json").read_text())["model_type"] == "bert"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    ids = tokenizer("w1 w22")["input_ids"]  # [CLS] w1 w22 [SEP], every word seen in training
+    assert tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "w1", "w22", "[SEP]"]
     classify = pipeline("text-classification", model=str(final), device="cpu")
     assert classify("w1 w2 w3")[0]["label"] in {"neg", "pos"}
 
@@ -178,8 +205,9 @@ def test_glue_from_the_hub_up_to_load_dataset(monkeypatch):
 
 
 def test_shipped_t5_glue_config_parses_and_flags_override():
-    model_args, data_args, args = recipe.parse_args(
-        ["t5_base_glue_mdgf_exp_1of32.yaml", "--dataset_config_name", "rte", "--use_cpu", "true"]
+    model_args, data_args, args, _, _ = parse_args(
+        ["t5_base_glue_mdgf_exp_1of32.yaml", "--dataset_config_name", "rte", "--use_cpu", "true"],
+        "text_classification",
     )
     assert model_args.model_name_or_path == "google-t5/t5-base"
     assert data_args.dataset_name == "nyu-mll/glue" and data_args.dataset_config_name == "rte"
@@ -191,11 +219,11 @@ def test_shipped_t5_glue_config_parses_and_flags_override():
 
 
 def test_bad_text_settings_are_named(tmp_path):
-    with pytest.raises(NMSparsityConfigError, match="model_name_or_path"):
-        recipe.parse_args(["--output_dir", str(tmp_path)])
+    with pytest.raises(NMSparsityConfigError, match="model_config='tiny-lama'.*tiny-bert"):
+        parse_args(["--model_config", "tiny-lama"], "text_classification")
     (tmp_path / "bad.yaml").write_text("model_name_or_path: x\nlearning_rat: 0.1\n")
-    with pytest.raises(NMSparsityConfigError, match="learning_rat"):
-        recipe.parse_args([str(tmp_path / "bad.yaml")])
+    with pytest.raises(NMSparsityConfigError, match="bad.yaml:2: unknown setting 'learning_rat'"):
+        parse_args([str(tmp_path / "bad.yaml")], "text_classification")
     with pytest.raises(NMSparsityConfigError, match="--dataset_name"):
         recipe.load_text_data(recipe.TextDataArguments())
     (tmp_path / "t.csv").write_text("text,label\na,x\nb,y\n")

@@ -1,13 +1,15 @@
-"""The recipe's command line: ``[CONFIG | --config CONFIG] [--flag value ...]``, as in TRL.
+"""The recipes' one command line: ``[CONFIG | --config CONFIG] [--flag value ...]``, as in TRL.
 
-A config file (ours, or the seed research code's timm YAML) sets the parser's defaults and flags
-override it, so ``--help`` shows the defaults a run really uses. Without a file, flags apply on
-top of the family's embedded default, unless they choose a model or a dataset (`SOURCE_FLAGS`):
-then the argument classes' own defaults are the base, and the run says so in one line.
+Every recipe script (image classification, text classification, causal LM) parses here. A config
+file (ours, or the seed research code's timm YAML) sets the parser's defaults and flags override
+it, so ``--help`` shows the defaults a run really uses. A recipe with an embedded default config
+(`RecipeSpec.default_config`) runs it when no file is given, unless a flag chooses a model or a
+dataset (`RecipeSpec.source_flags`): then the argument classes' own defaults are the base, and
+the run says so in one line.
 
 Every mistake in a file or a flag is a `RecipeConfigError` raised before any data or model is
 loaded: one line naming the file (and line where the parser gives it), the field, the value and
-the fix. `recipe_cli` prints it and exits with code 2, like argparse.
+the fix. `common.recipe_cli` prints it and exits with code 2, like argparse.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib
+import importlib.util
 import json
 import os
 import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,37 +33,29 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from ..config import NMSparsityConfig
 from ..errors import NMSparsityConfigError
-from .models import ModelArguments
-from .seed import is_seed_yaml, seed_yaml_to_args
+from .seed import recipe_settings
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-# Flags that choose what to train on: without a config file they start a run from the argument
-# classes' defaults instead of layering on the embedded digits default.
-SOURCE_FLAGS = {"model_name_or_path", "model_config", "dataset_name", "data_dir", "train_dir"}
-# transformers example-script names -> ours (accepted as flags and as config keys)
-ALIASES = {
-    "image_column_name": "image_column",
-    "label_column_name": "label_column",
-    "dataset_config_name": "dataset_config",
-}
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of settings; anything larger is not one
+MAX_RUN_NAME = 256
+# settings naming files: a relative path is read relative to the config file when it is there
+PATH_KEYS = ("train_file", "validation_file")
 TRUE, FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off", "none", ""}
 
-USAGE = "accelerate launch recipes/train_{family}.py [CONFIG | --config CONFIG] [--flag value ...]"
+USAGE = "accelerate launch recipes/train_{name}.py [CONFIG | --config CONFIG] [--flag value ...]"
 DESCRIPTION = """\
-Train an N:M-sparse image classifier with the Hugging Face Trainer.
+Train {what} with the Hugging Face Trainer.
 
-  (no arguments)      the embedded default {default}: digits, from scratch, minutes on a CPU
+{start}
   CONFIG, --config    a YAML/JSON file (ours or the seed's timm YAML), or the name of a shipped
                       one; flags after it override it. Shipped configs:
                       {shipped}
-  flags only          tweak the embedded default (--seed 1 --m 4); flags that choose a model or
-                      dataset start from the argument classes' own defaults instead:
-                      {sources}
   --resume_from_checkpoint true   continue from the last checkpoint in output_dir
   --overwrite_output_dir true     replace a finished model in output_dir (refused otherwise)
+  --trust_remote_code true        allow settings that run code (custom models, metric scripts)
 
+One run at a time per output_dir (a lock file names the run holding it).
 The defaults below are this run's: those of {base}.
 """
 
@@ -70,14 +67,12 @@ class RecipeConfigError(NMSparsityConfigError):
 
 @dataclass
 class ScriptArguments:
-    """Settings of the recipe itself (not of the model, data or Trainer).
+    """Settings of the recipe run itself (not of the model, data or Trainer).
 
     Args:
         config: the YAML/JSON config file (also accepted as the first positional argument).
         overwrite_output_dir: allow a run to replace a finished sparse model in ``output_dir``
             (refused otherwise; transformers 5.x has no such flag).
-        train_dir / validation_dir: the transformers example scripts' imagefolder flags; read as
-            ``data_dir`` (the two must be ``<root>/train`` and ``<root>/<validation split>``).
     """
 
     _argument_group_name = "recipe"
@@ -90,26 +85,86 @@ class ScriptArguments:
         default=False,
         metadata={"help": "Replace a finished sparse model in output_dir (refused otherwise)."},
     )
-    train_dir: str | None = field(
-        default=None, metadata={"help": "Imagefolder of training images (sets --data_dir)."}
-    )
-    validation_dir: str | None = field(
-        default=None,
-        metadata={"help": "Imagefolder of validation images, a sibling of --train_dir."},
-    )
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each flag; the description printed as written."""
+@dataclass(frozen=True)
+class RecipeSpec:
+    """What distinguishes one recipe's command line from another's.
+
+    Args:
+        name: the script is ``recipes/train_<name>.py``.
+        what: what it trains, for ``--help`` ("an N:M-sparse image classifier").
+        arguments: returns the argument classes ``(model, data, training, script)``.
+        start: the ``--help`` lines saying what runs without a config file.
+        default_config: the shipped config run when no file is given (``None``: the argument
+            classes' defaults are the base).
+        default_model: ``model_config`` when the config names none (``None``: the field's).
+        source_flags: flags that choose the model or data; given without a file, they make the
+            argument classes' defaults the base instead of ``default_config``.
+        aliases: other names of fields (transformers example scripts' spellings) -> ours.
+        config_prefix: shipped configs of this recipe start with one of these.
+    """
+
+    name: str
+    what: str
+    arguments: Callable[[], tuple[type, ...]]
+    start: str
+    default_config: str | None = None
+    default_model: str | None = None
+    source_flags: frozenset[str] = frozenset()
+    aliases: dict[str, str] = field(default_factory=dict)
+    config_prefix: tuple[str, ...] = ()
+
+
+# recipe name -> the module defining its `recipe_spec(name)`
+_RECIPE_MODULES = {
+    "vit": "image_classification",
+    "swin": "image_classification",
+    "swinv2": "image_classification",
+    "text_classification": "text_classification",
+    "causal_lm": "causal_lm",
+}
+
+
+def recipe_spec(recipe: str | RecipeSpec) -> RecipeSpec:
+    """The `RecipeSpec` of a recipe name (``vit``, ``swin``, ``text_classification``,
+    ``causal_lm``); a spec is returned as is."""
+    if isinstance(recipe, RecipeSpec):
+        return recipe
+    if recipe not in _RECIPE_MODULES:
+        raise RecipeConfigError(f"unknown recipe {recipe!r}; one of {', '.join(_RECIPE_MODULES)}.")
+    module = importlib.import_module(f"{__package__}.{_RECIPE_MODULES[recipe]}")
+    return module.recipe_spec(recipe)
+
+
+def recipe_keys() -> set[str]:
+    """Every setting a recipe config may hold, over all recipes (what ``nmsparse`` passes over
+    in a recipe config)."""
+    keys: set[str] = set()
+    for name in _RECIPE_MODULES:
+        spec = recipe_spec(name)
+        try:
+            keys |= set(_fields(spec.arguments())) | set(spec.aliases)
+        except RecipeConfigError:  # a recipe whose optional dependency is not installed
+            continue
+    return keys
+
+
+def config_file_settings(path: str | Path) -> tuple[dict[str, Any], list[str], bool]:
+    """A recipe config's settings in our names, for tools that read one outside a run
+    (``nmsparse report``): `load_config_file`, then `seed.recipe_settings` over every recipe's
+    settings. Returns ``(settings, notes, seed)``."""
+    data, _ = load_config_file(path)
+    return recipe_settings(data, recipe_keys())
 
 
 class RecipeArgs(NamedTuple):
     """The parsed arguments of a recipe run."""
 
-    model: ModelArguments
-    data: Any  # data.DataArguments
-    training: Any  # integrations.SparseTrainingArguments
-    script: ScriptArguments
+    model: Any
+    data: Any
+    training: Any  # a SparseTrainingArguments
+    script: Any  # a ScriptArguments
     notes: list[str]
 
 
@@ -118,76 +173,88 @@ def shipped_config(name: str) -> Path:
     return Path(str(resources.files("nmsparse_hf.recipes").joinpath("configs", name)))
 
 
-def shipped_configs() -> list[str]:
-    """Names of the configs shipped with the package."""
+def shipped_configs(prefix: tuple[str, ...] = ()) -> list[str]:
+    """Names of the configs shipped with the package (those starting with ``prefix``)."""
     folder = resources.files("nmsparse_hf.recipes").joinpath("configs")
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(CONFIG_SUFFIXES))
+    names = (p.name for p in folder.iterdir() if p.name.endswith(CONFIG_SUFFIXES))
+    return sorted(n for n in names if not prefix or n.startswith(prefix))
 
 
-def make_parser(family: str):
-    """The recipe's `HfArgumentParser` (model, data, training and script arguments; abbreviations
-    off, so ``--config`` is never mistaken for ``--config_overrides``)."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag; the description printed as written."""
+
+
+def make_parser(recipe: str | RecipeSpec):
+    """The recipe's `HfArgumentParser` over its argument classes (abbreviations off, so
+    ``--config`` is never mistaken for ``--config_overrides``), with its aliases."""
     from transformers import HfArgumentParser
 
-    from ..data import DataArguments
-    from ..integrations import SparseTrainingArguments
-
+    spec = recipe_spec(recipe)
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, SparseTrainingArguments, ScriptArguments),
-        prog=f"train_{family}.py",
-        usage=USAGE.format(family=family),
+        spec.arguments(),
+        prog=f"train_{spec.name}.py",
+        usage=USAGE.format(name=spec.name),
         allow_abbrev=False,
         formatter_class=_HelpFormatter,
     )
-    for alias, name in ALIASES.items():
+    for alias, name in spec.aliases.items():
         parser.add_argument(f"--{alias}", dest=name, help=f"Same as --{name}.")
     return parser
 
 
-def parse_args(argv: list[str] | None, family: str) -> RecipeArgs:
+def parse_args(argv: list[str] | None, recipe: str | RecipeSpec) -> RecipeArgs:
     """Parse a recipe's arguments (see the module docstring); raises `RecipeConfigError`."""
+    spec = recipe_spec(recipe)
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(family)
-    config, argv = _pop_config(argv)
-    flags = explicit_flags(argv)
-    default = shipped_config(f"{family}_digits.yaml")
-    notes: list[str] = []
-    if config is None and not SOURCE_FLAGS & flags:
-        config = str(default)
-        what = "no config file: flags applied on top of" if argv else "no arguments: running"
-        notes.append(f"{what} the embedded default {default.name}")
-    elif config is None:
-        chosen = ", ".join(f"--{f}" for f in sorted(SOURCE_FLAGS & flags))
-        notes.append(
-            f"{chosen} chooses the model or data: settings not given take the argument classes' "
-            f"defaults (e.g. learning_rate 5e-05, num_train_epochs 3), not those of {default.name}"
-        )
-    values = {} if config is None else read_config(config, parser, notes)
+    parser = make_parser(spec)
+    config, argv = _pop_config(argv, spec)
+    flags = explicit_flags(argv, spec)
+    config, notes = _base_config(config, argv, flags, spec)
+    values = {} if config is None else read_config(config, parser, notes, spec)
     if not has_accelerator() and "use_cpu" not in flags:
         values.setdefault("use_cpu", True)
-    values.setdefault("model_config", f"{family}-digits")  # a config naming no model: the family's
+    if spec.default_model:
+        values.setdefault("model_config", spec.default_model)  # a config naming no model
     parser.description = DESCRIPTION.format(
-        default=default.name,
-        shipped=_wrap(", ".join(shipped_configs())),
-        sources=_wrap(", ".join(f"--{f}" for f in sorted(SOURCE_FLAGS))),
+        what=spec.what,
+        start=spec.start,
+        shipped=_wrap(", ".join(shipped_configs(spec.config_prefix)) or "none"),
         base=Path(config).name if config else "the argument classes",
     )
     parser.set_defaults(**values, config=config)
-    namespace = parser.parse_args(argv)  # argparse: --help, unknown flags (exit 2)
+    namespace = vars(parser.parse_args(argv))  # argparse: --help, unknown flags (exit 2)
     origin = f"{config} (or the command line)" if config else "command line"
-    parsed = _build(parser, vars(namespace), origin)
-    given = set(values) | flags
-    _resolve(parsed, given, notes)
+    check_run_settings(namespace, origin)
+    parsed = _build(parser, namespace, origin)
+    _resolve(parsed, set(values) | flags, notes)
     return RecipeArgs(*parsed, notes)
+
+
+def _base_config(config, argv, flags, spec: RecipeSpec) -> tuple[str | None, list[str]]:
+    """The config file the run starts from, and a note saying so when it is not the user's."""
+    notes: list[str] = []
+    if config is not None or spec.default_config is None:
+        return config, notes
+    default = shipped_config(spec.default_config)
+    if not spec.source_flags & flags:
+        what = "no config file: flags applied on top of" if argv else "no arguments: running"
+        notes.append(f"{what} the embedded default {default.name}")
+        return str(default), notes
+    chosen = ", ".join(f"--{f}" for f in sorted(spec.source_flags & flags))
+    notes.append(
+        f"{chosen} chooses the model or data: settings not given take the argument classes' "
+        f"defaults (e.g. learning_rate 5e-05, num_train_epochs 3), not those of {default.name}"
+    )
+    return None, notes
 
 
 def _wrap(text: str) -> str:
     return textwrap.fill(text, 96, initial_indent=" " * 22, subsequent_indent=" " * 22).lstrip()
 
 
-def _pop_config(argv: list[str]) -> tuple[str | None, list[str]]:
+def _pop_config(argv: list[str], spec: RecipeSpec) -> tuple[str | None, list[str]]:
     """Take the config file out of ``argv``: ``--config FILE``, ``--config=FILE`` or a first
-    positional argument ending in .yaml/.yml/.json."""
+    positional argument ending in .yaml/.yml/.json; a bare name is a shipped config."""
     config = None
     rest: list[str] = []
     i = 0
@@ -209,70 +276,76 @@ def _pop_config(argv: list[str]) -> tuple[str | None, list[str]]:
     if config is not None and not Path(config).is_file():
         raise RecipeConfigError(
             f"config file {config!r} does not exist; pass a path, or the name of a shipped "
-            f"config: {', '.join(shipped_configs())}."
+            f"config: {', '.join(shipped_configs(spec.config_prefix)) or 'none'}."
         )
     return config, rest
 
 
-def explicit_flags(argv: list[str]) -> set[str]:
+def explicit_flags(argv: list[str], spec: RecipeSpec | None = None) -> set[str]:
     """The field names given as ``--flag`` in ``argv`` (aliases mapped to our names)."""
+    aliases = spec.aliases if spec is not None else {}
     names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    return {ALIASES.get(n, n) for n in names}
+    return {aliases.get(n, n) for n in names}
 
 
 # ------------------------------------------------------------------ config files
-def read_config(path: str, parser, notes: list[str]) -> dict[str, Any]:
+def read_config(path: str, parser, notes: list[str], spec: RecipeSpec) -> dict[str, Any]:
     """The settings of a config file, checked and typed for ``parser``.
 
-    Reads YAML or JSON (by suffix); the file must be a non-empty mapping. A seed-style timm YAML
-    is translated (`seed_yaml_to_args`); our files may spell sparsity keys the seed's way. Keys
-    must be fields of the parser's dataclasses (or `ALIASES`); numbers written as strings (PyYAML
-    reads ``1e-3`` as one) become numbers.
+    Reads YAML or JSON (by suffix, `load_config_file`); the file must be a non-empty mapping. A
+    seed-style timm YAML is translated (`seed.recipe_settings`, the one place that knows that
+    dialect); our files may spell sparsity keys the seed's way. Keys must be fields of the
+    parser's dataclasses (or the recipe's aliases); numbers written as strings (PyYAML reads
+    ``1e-3`` as one) become numbers; relative `PATH_KEYS` are read next to the file.
     """
-    data, lines = _load(Path(path))
-    name = Path(path).name
-    fields = _fields(parser)
-    data = {ALIASES.get(k, k): v for k, v in data.items()}
-    if is_seed_yaml(data, set(fields)):
-        data, seed_notes = seed_yaml_to_args(data, int(os.environ.get("WORLD_SIZE", "1")))
-        notes.append(f"{name}: seed (timm) keys translated")
-        notes += seed_notes
-    else:
-        sparsity, rest = NMSparsityConfig.split_known_keys(data)
-        data = {**rest, **sparsity}
+    data, lines = load_config_file(path)
+    fields = _fields(parser.dataclass_types)
+    data = {spec.aliases.get(k, k): v for k, v in data.items()}
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    data, seed_notes, seed = recipe_settings(data, set(fields), world_size)
+    if seed:
+        notes.append(f"{Path(path).name}: seed (timm) keys translated")
+    notes += seed_notes
     for key in data:
         if key not in fields:
             close = difflib.get_close_matches(key, sorted(fields), n=1)
             hint = f"did you mean {close[0]!r}?" if close else "see --help for the settings."
             raise RecipeConfigError(f"{_where(path, lines, key)}: unknown setting {key!r}; {hint}")
+    for key in PATH_KEYS:
+        beside = Path(path).parent / str(data.get(key))
+        if isinstance(data.get(key), str) and not Path(data[key]).exists() and beside.exists():
+            data[key] = str(beside)
     return {k: _typed(v, fields[k], _where(path, lines, k), k) for k, v in data.items()}
 
 
-def _load(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    text = path.read_text(encoding="utf-8")
+def load_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """``(mapping, line of each top-level key)`` of a YAML/JSON config file.
+
+    Refused, each as one `RecipeConfigError` line: a file over `MAX_CONFIG_BYTES`, text that is
+    not UTF-8, a syntax error, duplicate keys (YAML and JSON would keep the last silently), YAML
+    anchors and aliases (so an alias bomb fails at its first anchor), an empty file, and a file
+    that is not a mapping.
+    """
+    path = Path(path)
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise RecipeConfigError(
+            f"{path}: {path.stat().st_size} bytes is not a config file (at most "
+            f"{MAX_CONFIG_BYTES} bytes of 'setting: value' lines); pass the right file."
+        )
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save "
+            f"the file as UTF-8."
+        ) from None
     if not text.strip():
         raise RecipeConfigError(
             f"{path}: the config file is empty; write 'setting: value' lines (see --help), or "
-            f"leave the file out to run the embedded default."
+            f"leave the file out to run the recipe's defaults."
         )
-    lines: dict[str, int] = {}
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text)
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            if isinstance(node, yaml.MappingNode):
-                lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
-    except json.JSONDecodeError as exc:
-        raise RecipeConfigError(
-            f"{path}:{exc.lineno}: JSON syntax error: {exc.msg} (column {exc.colno})."
-        ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeConfigError(f"{where}: YAML syntax error: {problem}.") from None
+    data, lines = _parse_json(path, text) if path.suffix == ".json" else _parse_yaml(path, text)
     if data is None:
         raise RecipeConfigError(f"{path}: the config file holds no settings (only comments).")
     if not isinstance(data, dict):
@@ -283,10 +356,75 @@ def _load(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     return {str(k): v for k, v in data.items()}, lines
 
 
-def _fields(parser) -> dict[str, Any]:
-    """Field name -> type, over the parser's dataclasses (type hints resolved)."""
+def _parse_json(path: Path, text: str) -> tuple[Any, dict[str, int]]:
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise RecipeConfigError(
+                f"{path}: duplicate key {twice[0]!r} (JSON keeps the last silently); keep one."
+            )
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=unique), {}
+    except json.JSONDecodeError as exc:
+        raise RecipeConfigError(
+            f"{path}:{exc.lineno}: JSON syntax error: {exc.msg} (column {exc.colno})."
+        ) from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses anchors and aliases (a config has no use for them, and
+    nested aliases expand exponentially) and duplicate keys (PyYAML keeps the last silently)."""
+
+    path = "<config>"
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise RecipeConfigError(
+                f"{self.path}:{event.start_mark.line + 1}: YAML anchors and aliases (&name, "
+                f"*name) are not accepted in a config; write the values out."
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            line = key_node.start_mark.line + 1
+            if key is not None and key in seen:
+                raise RecipeConfigError(
+                    f"{self.path}:{line}: duplicate key {key_node.value!r} (first on line "
+                    f"{seen[key]}); YAML would keep the last silently. Keep one."
+                )
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(path: Path, text: str) -> tuple[Any, dict[str, int]]:
+    loader = _StrictLoader(text)
+    loader.path = str(path)
+    try:
+        node = loader.get_single_node()
+        lines: dict[str, int] = {}
+        if isinstance(node, yaml.MappingNode):
+            lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
+        return (loader.construct_document(node) if node is not None else None), lines
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeConfigError(f"{where}: YAML syntax error: {problem}.") from None
+    finally:
+        loader.dispose()
+
+
+def _fields(dataclass_types) -> dict[str, Any]:
+    """Field name -> type, over the dataclasses (type hints resolved)."""
     out: dict[str, Any] = {}
-    for dtype in parser.dataclass_types:
+    for dtype in dataclass_types:
         hints = typing.get_type_hints(dtype)
         out.update({f.name: hints.get(f.name) for f in dataclasses.fields(dtype) if f.init})
     return out
@@ -336,24 +474,49 @@ def _where(path: str, lines: dict[str, int], key: str) -> str:
 
 
 # ------------------------------------------------------------------ building and resolving
+def check_run_settings(values: dict[str, Any], origin: str) -> None:
+    """Settings the Trainer would accept silently or fail on with a traceback: a ``run_name``
+    longer than `MAX_RUN_NAME`, an ``accelerator_config`` file that does not exist, ``deepspeed``
+    without DeepSpeed installed."""
+    run_name = values.get("run_name")
+    if isinstance(run_name, str) and len(run_name) > MAX_RUN_NAME:
+        raise RecipeConfigError(
+            f"{origin}: run_name is {len(run_name)} characters ({run_name[:24]!r}...); at most "
+            f"{MAX_RUN_NAME}. Pass a short name."
+        )
+    accelerator = values.get("accelerator_config")
+    if isinstance(accelerator, str) and not os.path.isfile(accelerator):
+        raise RecipeConfigError(
+            f"{origin}: accelerator_config={accelerator!r} is not a file; pass the path of a "
+            f"JSON file of accelerate's AcceleratorConfig, or leave it out."
+        )
+    if values.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise RecipeConfigError(
+            f"{origin}: deepspeed={values['deepspeed']!r} but DeepSpeed is not installed; "
+            f"pip install deepspeed, or leave deepspeed out (FSDP: accelerate_configs/fsdp.yaml)."
+        )
+
+
 def _build(parser, namespace: dict[str, Any], origin: str):
-    """The four dataclasses from the parsed namespace; a failed check becomes one line."""
+    """The dataclasses from the parsed namespace; a failed check becomes one line."""
     out = []
     for dtype in parser.dataclass_types:
         names = {f.name for f in dataclasses.fields(dtype) if f.init}
         try:
             out.append(dtype(**{k: v for k, v in namespace.items() if k in names}))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, ImportError, OSError) as exc:
             message = " ".join(str(exc).split())
             raise RecipeConfigError(f"{origin}: {message}") from None
     return out
 
 
 def _resolve(parsed, given: set[str], notes: list[str]) -> None:
-    """Settings that depend on others: data from ``train_dir``, ``do_train``/``do_eval``, the
-    output directory (named after the pattern actually used) and ``resume_from_checkpoint``."""
+    """Settings that depend on others: data from ``train_dir`` (image recipes),
+    ``do_train``/``do_eval``, the output directory (named after the pattern actually used) and
+    ``resume_from_checkpoint``."""
     model_args, data_args, args, script = parsed
-    _data_dirs(script, data_args)
+    if hasattr(script, "train_dir"):
+        _data_dirs(script, data_args)
     if "do_train" not in given:  # as in the example scripts, --do_eval alone only evaluates
         args.do_train = "do_eval" not in given
     if "do_eval" not in given and "do_train" not in given:
@@ -364,7 +527,7 @@ def _resolve(parsed, given: set[str], notes: list[str]) -> None:
     args.resume_from_checkpoint = _resume(args.resume_from_checkpoint, args.output_dir, notes)
 
 
-def _data_dirs(script: ScriptArguments, data_args) -> None:
+def _data_dirs(script, data_args) -> None:
     if script.train_dir is None:
         if script.validation_dir is not None:
             raise RecipeConfigError("validation_dir is set without train_dir; set both.")
@@ -385,7 +548,7 @@ def _data_dirs(script: ScriptArguments, data_args) -> None:
     data_args.dataset_name = data_args.dataset_name or "imagefolder"
 
 
-def _output_dir(args, model_args: ModelArguments, given: set[str]) -> str:
+def _output_dir(args, model_args, given: set[str]) -> str:
     """``output_dir`` as given, with ``{model}``, ``{recipe}``, ``{n_keep}``, ``{m}`` filled in
     from the settings actually used; when none is given,
     ``outputs/{model}-{recipe}-{n_keep}of{m}``."""

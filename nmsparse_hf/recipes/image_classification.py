@@ -10,46 +10,101 @@ an evaluation failure never costs the run.
 from __future__ import annotations
 
 import os
-import shutil
-import sys
 import time
-from dataclasses import MISSING, fields
-from enum import Enum
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import NMSparsityConfigError, NMTargetError
-from .arguments import RecipeArgs, parse_args, shipped_config
+from .arguments import RecipeArgs, RecipeSpec, ScriptArguments, parse_args, shipped_config
 from .common import (
-    check_ranks_agree,
-    finish_run,
+    evaluate_only,
+    format_settings,
     format_summary,
-    numbers,
+    recipe_cli,
     refuse_to_replace,
-    seed_everything,
+    save_and_finish,
+    start_run,
 )
-from .models import build_model, check_model_args, processor_for_eval_transform
+from .models import ModelArguments, build_model, check_model_args, processor_for_eval_transform
 
-__all__ = ["cli", "format_summary", "main", "parse_args", "run", "shipped_config"]
+__all__ = [
+    "cli",
+    "format_settings",
+    "format_summary",
+    "main",
+    "parse_args",
+    "recipe_spec",
+    "refuse_to_replace",
+    "run",
+    "shipped_config",
+]
+
+
+@dataclass
+class ImageScriptArguments(ScriptArguments):
+    """`ScriptArguments` plus the transformers example scripts' imagefolder flags.
+
+    Args:
+        train_dir / validation_dir: read as ``data_dir`` (the two must be ``<root>/train`` and
+            ``<root>/<validation split>``).
+    """
+
+    train_dir: str | None = field(
+        default=None, metadata={"help": "Imagefolder of training images (sets --data_dir)."}
+    )
+    validation_dir: str | None = field(
+        default=None,
+        metadata={"help": "Imagefolder of validation images, a sibling of --train_dir."},
+    )
+
+
+def _arguments() -> tuple[type, ...]:
+    from ..data import DataArguments
+    from ..integrations import SparseTrainingArguments
+
+    return ModelArguments, DataArguments, SparseTrainingArguments, ImageScriptArguments
+
+
+def recipe_spec(family: str) -> RecipeSpec:
+    """The command line of ``recipes/train_<family>.py`` (``vit`` or ``swin``)."""
+    default = f"{family}_digits.yaml"
+    return RecipeSpec(
+        name=family,
+        what="an N:M-sparse image classifier",
+        arguments=_arguments,
+        start=(
+            f"  (no arguments)      the embedded default {default}: digits, from scratch, "
+            f"minutes on a CPU\n"
+            "  flags only          tweak the embedded default (--seed 1 --m 4); flags that "
+            "choose a model or\n                      dataset (--model_name_or_path, "
+            "--model_config, --dataset_name, --data_dir,\n                      --train_dir) "
+            "start from the argument classes' own defaults instead"
+        ),
+        default_config=default,
+        default_model=f"{family}-digits",
+        source_flags=frozenset(
+            {"model_name_or_path", "model_config", "dataset_name", "data_dir", "train_dir"}
+        ),
+        aliases={  # transformers example-script names -> ours (flags and config keys)
+            "image_column_name": "image_column",
+            "label_column_name": "label_column",
+            "dataset_config_name": "dataset_config",
+        },
+        config_prefix=(family,),
+    )
 
 
 def run(argv: list[str] | None = None, family: str = "vit") -> dict[str, Any]:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run `main`. Returns the summary dict."""
-    return main(parse_args(argv, family), family)
+    return main(parse_args(argv, family))
 
 
 def cli(family: str, argv: list[str] | None = None) -> None:
-    """The scripts' entry point: `run`, with a setting error printed as one line and exit code 2
-    (no traceback), as argparse does for a bad flag."""
-    from ..data import DataArgumentsError
-
-    try:
-        run(argv, family)
-    except (NMSparsityConfigError, NMTargetError, DataArgumentsError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    """The scripts' entry point (`common.recipe_cli`): a setting error is one line on stderr
+    and exit code 2."""
+    recipe_cli(family, main, argv)
 
 
-def main(recipe: RecipeArgs, family: str = "vit") -> dict[str, Any]:
+def main(recipe: RecipeArgs) -> dict[str, Any]:
     """Train, save, evaluate and verify the run ``recipe`` describes. Returns the summary dict
     (empty on processes other than the main one)."""
     from ..data import make_compute_metrics, require_max_steps
@@ -58,56 +113,41 @@ def main(recipe: RecipeArgs, family: str = "vit") -> dict[str, Any]:
     model_args, data_args, args, script, notes = recipe
     start = time.time()
     require_max_steps(data_args.streaming, args.max_steps)
-    final_dir = os.path.join(args.output_dir, "final")
-    if args.do_train:
-        refuse_to_replace(final_dir, script.overwrite_output_dir)  # never lose finished work
-    if args.process_index == 0:
-        print(format_settings(recipe), flush=True)
-    # Seed before the model is built: a from-scratch model takes its initial weights from the
-    # global RNG, and the Trainer only seeds in its own __init__, after the model exists.
-    seed_everything(args)
+    with start_run(recipe) as final_dir:  # checks, output_dir lock, settings, seed
+        # ---- data and model
+        check_model_args(model_args)  # before any data is read
+        train_raw, eval_raw, label_names = load_labelled_data(data_args)
+        built = build_model(model_args, "", label_names, len(label_names))
+        notes += built.notes
+        data = image_datasets(
+            data_args, model_args, train_raw, eval_raw, built, len(label_names), args
+        )
+        notes += data.notes
+        processor = built.processor or processor_for_eval_transform(
+            data.eval_transform, built.normalization_source
+        )
 
-    # ---- data and model
-    check_model_args(model_args)  # before any data is read
-    train_raw, eval_raw, label_names = load_labelled_data(data_args)
-    built = build_model(model_args, family, label_names, len(label_names))
-    notes += built.notes
-    data = image_datasets(data_args, model_args, train_raw, eval_raw, built, len(label_names), args)
-    notes += data.notes
-    processor = built.processor or processor_for_eval_transform(
-        data.eval_transform, built.normalization_source
-    )
+        # ---- trainer
+        args.remove_unused_columns = False  # the transforms read the raw image column
+        trainer = NMSparseTrainer(
+            model=built.model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            data_collator=data.collator,
+            compute_metrics=make_compute_metrics(model_args.metric_names),
+            processing_class=processor,
+            callbacks=data.callbacks,
+        )
+        if data.eval_collator is not None:
+            _use_eval_collator(trainer, data.eval_collator)
+        if not args.do_train:
+            return evaluate_only(trainer, notes)
 
-    # ---- trainer
-    args.remove_unused_columns = False  # the transforms read the raw image column
-    trainer = NMSparseTrainer(
-        model=built.model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        data_collator=data.collator,
-        compute_metrics=make_compute_metrics(model_args.metric_names),
-        processing_class=processor,
-        callbacks=data.callbacks,
-    )
-    if data.eval_collator is not None:
-        _use_eval_collator(trainer, data.eval_collator)
-    if not args.do_train:
-        return _evaluate_only(trainer, notes)
-
-    # ---- train, save (before any evaluation), evaluate, verify
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    distributed = check_ranks_agree(trainer)
-    if script.overwrite_output_dir and args.should_save and os.path.isdir(final_dir):
-        shutil.rmtree(final_dir)  # asked for; only now that the new model exists
-    card = card_fields(model_args, data_args, args.output_dir)
-    trainer.save_model(final_dir)
-    trainer.create_model_card(**card)
-    metrics = trainer.evaluate() if args.do_eval else {}
-    if metrics:
-        trainer.create_model_card(**card)  # now with the final evaluation
-    summary = finish_run(trainer, metrics, final_dir, time.time() - start, notes, distributed)
-    return summary
+        # ---- train, then save (before any evaluation), evaluate, verify
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        card = card_fields(model_args, data_args, args.output_dir)
+        return save_and_finish(trainer, final_dir, card, start, notes)
 
 
 # ------------------------------------------------------------------ steps of main
@@ -216,15 +256,6 @@ def _base_license(model_args) -> str | None:
         return None
 
 
-def _evaluate_only(trainer, notes: list[str]) -> dict[str, Any]:
-    metrics = trainer.evaluate()
-    summary = {"eval": numbers(metrics), "notes": notes, "steps": 0}
-    if trainer.args.should_save:
-        print("eval: " + "  ".join(f"{k}={v}" for k, v in summary["eval"].items()), flush=True)
-    trainer.accelerator.end_training()
-    return summary
-
-
 def _use_eval_collator(trainer, collator) -> None:
     """The Trainer has one data_collator; evaluation must not see mixup (see TimmMixCollator)."""
     original = trainer.get_eval_dataloader
@@ -238,64 +269,3 @@ def _use_eval_collator(trainer, collator) -> None:
             trainer.data_collator = train_collator
 
     trainer.get_eval_dataloader = get_eval_dataloader
-
-
-# ------------------------------------------------------------------ what the run prints
-_TRAINING_SHOWN = (
-    "output_dir",
-    "do_train",
-    "do_eval",
-    "max_steps",
-    "num_train_epochs",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "learning_rate",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "weight_decay",
-    "max_grad_norm",
-    "seed",
-    "bf16",
-    "fp16",
-    "use_cpu",
-    "eval_strategy",
-    "save_strategy",
-    "resume_from_checkpoint",
-)
-
-
-def format_settings(recipe: RecipeArgs) -> str:
-    """The run's settings, printed once at start: model and data settings that differ from the
-    argument classes' defaults, the sparsity recipe, the main training settings, and notes."""
-    model_args, data_args, args, script, notes = recipe
-    cfg = args.sparsity_config()
-    patterns = ", ".join(
-        f"{loc} {n}:{m}" for loc in cfg.locations for n, m in [cfg.target_pattern(loc)]
-    )
-    rows = [
-        f"nmsparse_hf recipe | config: {script.config or 'none (flags only)'}",
-        f"  model: {model_args.model_name_or_path or model_args.model_config}"
-        + "".join(f", {kv}" for kv in [_changed(model_args)] if kv),
-        "  data: " + (_changed(data_args) or "the embedded digits"),
-        f"  sparsity: {cfg.recipe_name}, {patterns} (dim={cfg.sparse_dim}), dense "
-        f"{cfg.dense_fraction:g} / fine-tune {cfg.finetune_fraction:g} of the steps",
-        "  training: " + ", ".join(f"{k}={_plain(getattr(args, k))}" for k in _TRAINING_SHOWN),
-    ]
-    rows += [f"  note: {n}" for n in notes]
-    return "\n".join(rows)
-
-
-def _changed(obj) -> str:
-    """``name=value`` for the fields of a dataclass that differ from their defaults (the model's
-    name is shown apart, a token never)."""
-    out = []
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        if value != default and f.name not in ("model_name_or_path", "model_config"):
-            out.append(f"{f.name}={'***' if f.name == 'token' else _plain(value)}")
-    return ", ".join(out)
-
-
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, Enum) else value

@@ -207,6 +207,22 @@ def is_seed_yaml(data: dict, our_keys: set[str]) -> bool:
     return bool(sparsity) and not rest and bool(spelled & _SEED_ONLY_SPARSITY_KEYS)
 
 
+def recipe_settings(
+    data: dict, our_keys: set[str], world_size: int = 1
+) -> tuple[dict[str, Any], list[str], bool]:
+    """A config file's mapping in our setting names: the one place that tells the seed's timm
+    YAML dialect from ours (`is_seed_yaml`) and translates it (`seed_yaml_to_args`).
+
+    Returns ``(settings, notes, seed)``: in a file of ours, sparsity keys spelt the seed's way
+    (``n_sparsity``, ``sparsity_loc`` ...) become our names and other keys pass through (the
+    caller checks them); ``seed`` says whether the file was a seed-style one."""
+    if is_seed_yaml(data, our_keys):
+        settings, notes = seed_yaml_to_args(data, world_size)
+        return settings, notes, True
+    sparsity, rest = NMSparsityConfig.split_known_keys(data)
+    return {**rest, **sparsity}, [], False
+
+
 def seed_yaml_to_args(data: dict, world_size: int = 1) -> tuple[dict, list[str]]:
     """Translate a seed (timm fork) training YAML into our argument dict.
 

@@ -22,21 +22,19 @@ settings, data, model, trainer, train, save, evaluate, verify, as the image reci
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from ..config import NMSparsityConfig
-from ..errors import NMSparsityConfigError, NMTargetError
-from .arguments import has_accelerator, shipped_config
-from .common import check_ranks_agree, finish_run, seed_everything
+from ..errors import NMSparsityConfigError
+from .arguments import RecipeArgs, RecipeSpec, ScriptArguments, parse_args
+from .common import evaluate_only, recipe_cli, save_and_finish, start_run
+from .models import check_metrics
+from .text_models import check_text_preset, tiny_text_config, train_tokenizer
 
 # GLUE classification tasks: their text columns and validation split (stsb is a regression task).
 GLUE_TASKS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -57,16 +55,29 @@ class TextModelArguments:
 
     Args:
         model_name_or_path: a Hub id or local directory of a pretrained model (T5-style
-            encoder-decoders train text to text, other models get a classification head).
+            encoder-decoders train text to text, other models get a classification head);
+            ``None`` builds ``model_config``.
+        model_config: the built-in model trained from scratch when no pretrained model is
+            given: ``tiny-bert`` (its tokenizer trained on the training text, offline).
         tokenizer_name: the tokenizer, when it is not beside the model.
         max_source_length: inputs are truncated to this many tokens.
         max_target_length: label names are truncated to this many tokens (text to text only).
         metrics: comma-separated metric names for an encoder (``accuracy`` ships offline);
-            text to text always reports the exact-match accuracy.
+            text to text always reports the exact-match accuracy. Names other than the shipped
+            ones run code and need ``trust_remote_code``.
+        trust_remote_code: allow code from the Hub or local files (custom model code, metric
+            scripts).
     """
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Hub id or local directory of the pretrained model."}
+        default=None,
+        metadata={
+            "help": "Hub id or local directory of the pretrained model (None: model_config)."
+        },
+    )
+    model_config: str = field(
+        default="tiny-bert",
+        metadata={"help": "Built-in model trained from scratch, offline: tiny-bert."},
     )
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "Tokenizer, when not beside the model."}
@@ -75,7 +86,27 @@ class TextModelArguments:
     max_target_length: int = field(
         default=8, metadata={"help": "Label length in tokens (text to text)."}
     )
-    metrics: str = field(default="accuracy", metadata={"help": "Metrics of an encoder model."})
+    metrics: str = field(
+        default="accuracy",
+        metadata={
+            "help": "Metrics of an encoder model: accuracy (shipped); other evaluate names or "
+            "scripts need --trust_remote_code."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run code from the Hub or local files (model code, metric scripts)."},
+    )
+
+    def __post_init__(self) -> None:
+        check_metrics(self.metric_names, self.trust_remote_code)
+        if not self.model_name_or_path:
+            check_text_preset(self.model_config, "bert")
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The names in ``metrics``, stripped, in order."""
+        return [m.strip() for m in self.metrics.split(",") if m.strip()]
 
 
 @dataclass
@@ -108,52 +139,26 @@ class TextDataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on n rows."})
 
 
-# ------------------------------------------------------------------ argument parsing
-def parse_args(argv: list[str] | None = None):
-    """``(model_args, data_args, training_args)`` from ``[CONFIG] [--flag value ...]``.
-
-    A config file (``.yaml``/``.yml``/``.json``, a path or the name of a shipped config) sets the
-    parser's defaults and flags override it, as in TRL's scripts. Sparsity keys may be spelled
-    the seed's way (``n_sparsity``, ``sparsity_loc``, ...). Without an accelerator ``use_cpu``
-    defaults to true.
-    """
-    from transformers import HfArgumentParser
-
+# ------------------------------------------------------------------ command line
+def _arguments() -> tuple[type, ...]:
     from ..integrations import SparseTrainingArguments
 
-    parser = HfArgumentParser((TextModelArguments, TextDataArguments, SparseTrainingArguments))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    defaults: dict[str, Any] = {}
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        path = Path(argv.pop(0))
-        path = path if path.is_file() else shipped_config(path.name)
-        defaults = _read_config(path, parser)
-    if not has_accelerator():
-        defaults.setdefault("use_cpu", True)
-    parser.set_defaults(**defaults)
-    model_args, data_args, args = parser.parse_args_into_dataclasses(argv)
-    if not model_args.model_name_or_path:
-        raise NMSparsityConfigError(
-            "model_name_or_path: not set. Pass a Hub id or a local model directory, e.g. "
-            "--model_name_or_path google-t5/t5-small."
-        )
-    return model_args, data_args, args
+    return TextModelArguments, TextDataArguments, SparseTrainingArguments, ScriptArguments
 
 
-def _read_config(path: Path, parser) -> dict[str, Any]:
-    if not path.is_file():
-        raise NMSparsityConfigError(f"config file {str(path)!r} does not exist.")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    sparsity, rest = NMSparsityConfig.split_known_keys(data)
-    data = {**rest, **sparsity}
-    known = {f.name for dc in parser.dataclass_types for f in dataclasses.fields(dc)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise NMSparsityConfigError(
-            f"{path}: unknown key(s) {unknown}. Use the flag names of "
-            f"`train_text_classification.py --help`."
-        )
-    return data
+def recipe_spec(name: str = "text_classification") -> RecipeSpec:
+    """The command line of ``recipes/train_text_classification.py``."""
+    return RecipeSpec(
+        name=name,
+        what="an N:M-sparse text classifier (BERT-style, or T5 text to text)",
+        arguments=_arguments,
+        start=(
+            "  (no config)         the argument classes' defaults: model_config tiny-bert, built\n"
+            "                      offline with a tokenizer trained on your data, so\n"
+            "                      --train_file train.csv [--validation_file dev.csv] is enough"
+        ),
+        config_prefix=("t5_", "bert_", "text_"),
+    )
 
 
 # ------------------------------------------------------------------ data
@@ -239,9 +244,11 @@ def _label_ids(train, label_column: str, names: list[str]):
 
 
 # ------------------------------------------------------------------ model and encoding
-def build_text_model(model_args: TextModelArguments, label_names: list[str]):
+def build_text_model(model_args: TextModelArguments, label_names: list[str], texts=()):
     """``(model, tokenizer, text_to_text)``: an encoder-decoder loads as a seq2seq LM, any other
-    model as a sequence classifier with ``len(label_names)`` labels."""
+    model as a sequence classifier with ``len(label_names)`` labels. Without
+    ``model_name_or_path`` the built-in ``model_config`` is built from scratch, its tokenizer
+    trained on ``texts`` (the training text)."""
     from transformers import (
         AutoConfig,
         AutoModelForSeq2SeqLM,
@@ -249,22 +256,33 @@ def build_text_model(model_args: TextModelArguments, label_names: list[str]):
         AutoTokenizer,
     )
 
-    path = model_args.model_name_or_path
-    config = AutoConfig.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or path)
-    if config.is_encoder_decoder:
-        return AutoModelForSeq2SeqLM.from_pretrained(path), tokenizer, True
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path,
+    labels = dict(
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
     )
+    path = model_args.model_name_or_path
+    if not path:
+        tokenizer = train_tokenizer(texts, "bert")
+        config = tiny_text_config(model_args.model_config, tokenizer, **labels)
+        return AutoModelForSequenceClassification.from_config(config), tokenizer, False
+    trust = dict(trust_remote_code=model_args.trust_remote_code)
+    config = AutoConfig.from_pretrained(path, **trust)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or path, **trust)
+    if config.is_encoder_decoder:
+        return AutoModelForSeq2SeqLM.from_pretrained(path, **trust), tokenizer, True
+    model = AutoModelForSequenceClassification.from_pretrained(path, **labels, **trust)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, False
+
+
+def training_texts(dataset, columns: list[str]):
+    """The text of ``columns`` row by row (what a built-in model's tokenizer is trained on)."""
+    for row in dataset.select_columns(columns):
+        yield from (str(row[c]) for c in columns)
 
 
 def encode(dataset, tokenizer, columns, label_ids, data_args, model_args, text_to_text, names):
@@ -318,19 +336,16 @@ def argmax_logits(logits, labels):
 # ------------------------------------------------------------------ the run
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run `main`. Returns the summary dict."""
-    return main(*parse_args(argv))
+    return main(parse_args(argv, "text_classification"))
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """The script's entry point: `run`, with a setting error printed as one line, exit code 2."""
-    try:
-        run(argv)
-    except (NMSparsityConfigError, NMTargetError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    """The script's entry point (`common.recipe_cli`): a setting error is one line on stderr
+    and exit code 2."""
+    recipe_cli("text_classification", main, argv)
 
 
-def main(model_args: TextModelArguments, data_args: TextDataArguments, args) -> dict[str, Any]:
+def main(recipe: RecipeArgs) -> dict[str, Any]:
     """Fine-tune, save (model, tokenizer, card), evaluate and verify. Returns the summary dict
     (empty on processes other than the main one)."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
@@ -338,49 +353,44 @@ def main(model_args: TextModelArguments, data_args: TextDataArguments, args) -> 
     from ..data import make_compute_metrics
     from ..integrations import NMSparseTrainer
 
+    model_args, data_args, args, _, notes = recipe
     start = time.time()
-    seed_everything(args)
+    with start_run(recipe) as final_dir:  # checks, output_dir lock, settings, seed
+        # ---- data and model
+        train_raw, eval_raw, names, columns = load_text_data(data_args)
+        texts = training_texts(train_raw, columns)
+        model, tokenizer, text_to_text = build_text_model(model_args, names, texts)
+        label_ids = _label_ids(train_raw, data_args.label_column, names)
+        enc = (tokenizer, columns, label_ids, data_args, model_args, text_to_text, names)
+        train = encode(train_raw, *enc)
+        evaluation = encode(eval_raw, *enc) if eval_raw is not None else None
+        if text_to_text:
+            collator = DataCollatorForSeq2Seq(tokenizer, model=model)
+            metrics = dict(
+                compute_metrics=exact_match_accuracy, preprocess_logits_for_metrics=argmax_logits
+            )
+            notes.append(f"text to text ({type(model).__name__})")
+        else:
+            collator = DataCollatorWithPadding(tokenizer)
+            metrics = dict(compute_metrics=make_compute_metrics(model_args.metric_names))
 
-    # ---- data and model
-    train_raw, eval_raw, names, columns = load_text_data(data_args)
-    model, tokenizer, text_to_text = build_text_model(model_args, names)
-    label_ids = _label_ids(train_raw, data_args.label_column, names)
-    enc = (tokenizer, columns, label_ids, data_args, model_args, text_to_text, names)
-    train = encode(train_raw, *enc)
-    evaluation = encode(eval_raw, *enc) if eval_raw is not None else None
-    if text_to_text:
-        collator = DataCollatorForSeq2Seq(tokenizer, model=model)
-        metrics = dict(
-            compute_metrics=exact_match_accuracy, preprocess_logits_for_metrics=argmax_logits
+        # ---- trainer: the tokenizer goes beside the model (pipeline() needs it)
+        trainer = NMSparseTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            data_collator=collator,
+            processing_class=tokenizer,
+            **metrics,
         )
-    else:
-        collator = DataCollatorWithPadding(tokenizer)
-        names_list = [m.strip() for m in model_args.metrics.split(",") if m.strip()]
-        metrics = dict(compute_metrics=make_compute_metrics(names_list))
+        if not args.do_train:
+            return evaluate_only(trainer, notes)
 
-    # ---- trainer: the tokenizer goes beside the model (pipeline() needs it)
-    trainer = NMSparseTrainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        data_collator=collator,
-        processing_class=tokenizer,
-        **metrics,
-    )
-
-    # ---- train, save (before any evaluation), evaluate, verify
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    distributed = check_ranks_agree(trainer)
-    final_dir = os.path.join(args.output_dir, "final")
-    card = _card_fields(model_args, data_args, args.output_dir)
-    trainer.save_model(final_dir)
-    trainer.create_model_card(**card)
-    results = trainer.evaluate() if evaluation is not None else {}
-    if results:
-        trainer.create_model_card(**card)
-    notes = [f"text to text ({type(model).__name__})"] if text_to_text else []
-    return finish_run(trainer, results, final_dir, time.time() - start, notes, distributed)
+        # ---- train, then save (before any evaluation), evaluate, verify
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        card = _card_fields(model_args, data_args, args.output_dir)
+        return save_and_finish(trainer, final_dir, card, start, notes)
 
 
 def _card_fields(model_args, data_args, output_dir: str) -> dict[str, Any]:
