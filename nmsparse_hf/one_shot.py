@@ -564,9 +564,12 @@ def _block_output(name: str, out: Any, like: torch.Tensor) -> torch.Tensor:
 def _hooked_stats(
     targets: list[TargetLayer], calib: _Calibration, opts: _Options
 ) -> tuple[dict[str, _LayerStats], list]:
+    """Statistics hooks on the Linear/Conv1D ``targets`` (a Conv2d, pruned by magnitude, has
+    none: its report row has no error)."""
     gram = opts.method == "sparsegpt" or opts.errors
-    stats = {t.name: _LayerStats(t.name, calib, gram) for t in targets}
-    handles = [t.module.register_forward_hook(stats[t.name].hook) for t in targets]
+    hooked = [t for t in targets if t.kind != "conv"]
+    stats = {t.name: _LayerStats(t.name, calib, gram) for t in hooked}
+    handles = [t.module.register_forward_hook(stats[t.name].hook) for t in hooked]
     return stats, handles
 
 
@@ -575,8 +578,8 @@ def _prune_with_stats(
 ) -> list[OneShotBlock]:
     rows: list[OneShotBlock] = []
     for target in targets:
-        layer_stats = stats[target.name]
-        if layer_stats.tokens == 0:
+        layer_stats = stats.get(target.name)
+        if layer_stats is not None and layer_stats.tokens == 0:
             raise NMSparsityError(
                 f"{target.name}: no calibration token reached this layer (all padded, or the "
                 f"forward does not run it). Give calibration inputs that run it."
@@ -606,7 +609,7 @@ def _run_list(
         block_targets = [t for t in targets if id(t.module) in inside]
         stats, handles = _hooked_stats(block_targets, calib, opts)
         try:
-            for b, batch_calls in enumerate(calls):  # the unpruned block: statistics
+            for b, batch_calls in enumerate(calls if stats else []):  # unpruned: statistics
                 calib.index = b
                 call = batch_calls[i].with_hidden(hidden[b])
                 block(*call.args, **call.kwargs)

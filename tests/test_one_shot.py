@@ -287,6 +287,23 @@ def test_sparsegpt_on_an_encoder_decoder():
     assert all(b.relative_error is not None and b.relative_error < 1 for b in report.blocks)
 
 
+def test_vision_model_with_a_conv_target():
+    """pixel_values calibration through vit.layers; a Conv2d target (the patch projection, named
+    explicitly) is pruned by magnitude without an error figure, and refused by Wanda."""
+    from conftest import tiny_vit
+
+    config = NMSparsityConfig(n_keep=2, m=4, target_modules=["projection", "fc1", "fc2"])
+    batches = [{"pixel_values": torch.randn(2, 4, 32, 32)} for _ in range(2)]
+    model = tiny_vit(channels=4)  # M = 4 divides the projection's input channels
+    report = one_shot(model, config, "magnitude", calibration=batches, progress=False)
+    rows = {b.name: b for b in report.blocks}
+    assert rows["vit.embeddings.patch_embeddings.projection"].error is None
+    assert rows["vit.layers.1.mlp.fc2"].relative_error > 0
+    assert report.tokens == 2 * 2 * 17 and verify_nm(model, layers=report.layers).ok
+    with pytest.raises(NMTargetError, match="projection: a Conv2d layer"):
+        one_shot(tiny_vit(channels=4), config, "wanda", calibration=batches)
+
+
 # ---------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_calibration_is_required(method):
