@@ -20,10 +20,11 @@ already *pruned* blocks before it; the block is pruned and run again to give the
 inputs. Tokens whose ``attention_mask`` is 0 are left out of every statistic. Targets outside every
 block list get their statistics from full forwards of the pruned model. See docs/PRETRAINED.md.
 
-    report = one_shot(model, NMSparsityConfig(n_keep=2, m=4, locations="FF,QKV,O"), "sparsegpt",
+    config = NMSparsityConfig(n_keep=2, m=4, locations="FF,QKV,O")
+    report = one_shot(model, config, "sparsegpt",
                       calibration=[tokenizer(text, return_tensors="pt") for text in texts])
     print(report)
-    sparsifier = finalized_sparsifier(model, config)     # then save_sparse_pretrained(...)
+    sparsifier = finalized_sparsifier(model, config)  # for save_sparse_pretrained(...)
 
 Knows no Trainer; imports no transformers.
 """
