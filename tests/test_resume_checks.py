@@ -149,3 +149,16 @@ def test_distributed_mode_reads_the_wrapper_not_the_configuration(tmp_path, monk
     vit = trainer.model.vit
     vit.__class__ = type(f"FSDP{type(vit).__name__}", (FSDPModule, type(vit)), {})
     assert trainer.distributed_mode()["mode"] == "FSDP2"
+
+
+def test_fsdp_and_adapter_checkpoints_are_not_judged_by_model_safetensors(tmp_path):
+    fsdp = tmp_path / "checkpoint-2"
+    (fsdp / "pytorch_model_fsdp_0").mkdir(parents=True)
+    (fsdp / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    assert resume.checkpoint_problem(fsdp) is None
+    (fsdp / "trainer_state.json").write_text("")
+    assert "trainer_state.json cannot be read" in resume.checkpoint_problem(fsdp)
+    plain = tmp_path / "checkpoint-4"
+    plain.mkdir()
+    (plain / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    assert "model.safetensors" in resume.checkpoint_problem(plain)

@@ -32,6 +32,7 @@ logger = logging.get_logger(__name__)
 SPARSITY_STATE = "nm_sparsity_state.json"
 STATE_FORMAT = "nmsparse_hf-training-state/1"
 TRAINER_STATE = "trainer_state.json"
+FSDP_MODEL_NAME = "pytorch_model_fsdp"  # accelerate's name for FSDP model state in a checkpoint
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -112,6 +113,15 @@ def check_sparsity_state(checkpoint: str | os.PathLike, config: NMSparsityConfig
 
 
 # ---------------------------------------------------------------------------------- readability
+def _fsdp_or_adapter(folder: Path) -> bool:
+    """A checkpoint whose weights are not a model's safetensors: FSDP's own state dict
+    (``pytorch_model_fsdp*``, read by torch.distributed.checkpoint) or a PEFT adapter."""
+    return any(p.name.startswith(FSDP_MODEL_NAME) for p in folder.iterdir()) or (
+        (folder / "adapter_model.safetensors").is_file()
+        and not (folder / "model.safetensors").is_file()
+    )
+
+
 def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
     """Why a Trainer checkpoint cannot be resumed (its safetensors weights are missing or do not
     open, `WeightFiles`; its ``trainer_state.json`` does not parse), naming the file; None when
@@ -121,10 +131,11 @@ def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
     folder = Path(checkpoint)
     if not folder.is_dir():
         return f"{folder} is not a directory"
-    try:
-        WeightFiles(folder)
-    except NMCheckpointError as exc:
-        return " ".join(str(exc).split()).rstrip(".")
+    if not _fsdp_or_adapter(folder):
+        try:
+            WeightFiles(folder)
+        except NMCheckpointError as exc:
+            return " ".join(str(exc).split()).rstrip(".")
     try:
         json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
