@@ -101,6 +101,19 @@ def _mask_key(weight: torch.Tensor) -> tuple | None:
     )
 
 
+def _fully_sharded(model: nn.Module) -> bool:
+    """True when FSDP manages ``model``: between steps its layers hold shards, or unsharded
+    tensors that the next forward refills with new values without bumping their version counter,
+    so no mask can be computed ahead of that forward."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: FSDP2 lives elsewhere, and is a subclass check of its own
+        FSDPModule = FullyShardedDataParallel  # noqa: N806
+    return any(isinstance(m, FSDPModule | FullyShardedDataParallel) for m in model.modules())
+
+
 def _block_view(weight: torch.Tensor, block: SparseBlock) -> torch.Tensor:
     return weight if block.rows is None else weight[block.rows[0] : block.rows[1]]
 
@@ -129,6 +142,9 @@ class LayerSparsity:
         self.frozen_mask: torch.Tensor | None = None
         # (key, mask) of this step's mask; `NMSparsifier.update` clears it
         self.cached_mask: tuple[tuple, torch.Tensor] | None = None
+        # this step's mask as `NMSparsifier.update` computed it (None where it cannot: a sharded
+        # weight, whose mask is computed inside forward); what a compiled forward reads
+        self.step_mask: torch.Tensor | None = None
 
     def mask(self, weight: torch.Tensor, patterns: list[Pattern | None] | None = None):
         """The keep-mask of ``weight`` under ``patterns`` (default: this step's); True where a block
@@ -137,19 +153,23 @@ class LayerSparsity:
         This step's mask is computed once and reused while ``weight`` is the same tensor with the
         same values: the gradient-accumulation micro-steps (and evaluations) of one optimizer
         step share it. The cache is keyed by the weight's storage, layout and version counter
-        (`_mask_key`) and cleared by every `NMSparsifier.update`, so a new step, an in-place
+        (`_mask_key`) and cleared when `NMSparsifier.update` moves to a new step, so a new step, an in-place
         change (optimizer step, ``load_state_dict``, ``finalize``) or a replaced tensor
         (``param.data = ...``, ``.to()``) recomputes it; docs/METHOD.md §4 "Cadence"."""
         if patterns is not None:
             return self._compute_mask(weight, patterns)
-        key = _mask_key(weight)
-        if key is not None:
-            key = (key, tuple(self.patterns))
         held = self.frozen_mask
         if self.freeze_pruned and held is not None and held.shape == weight.shape:
             # a held mask (finetune_mask="frozen", mask_source="weights") is this step's mask;
             # under FSDP2 it is held per shard and the whole weight's mask is computed below
             return held
+        if torch.compiler.is_compiling() and self.step_mask is not None:
+            # traced: the mask `NMSparsifier.update` computed eagerly for this step enters the
+            # graph as an input, so a compiled forward never recomputes it
+            return self.step_mask
+        key = _mask_key(weight)
+        if key is not None:
+            key = (key, tuple(self.patterns))
             if self.cached_mask is not None and self.cached_mask[0] == key:
                 return self.cached_mask[1]
         mask = self._compute_mask(weight, self.patterns)
@@ -518,6 +538,7 @@ class NMSparsifier:
         self.locations: tuple[str, ...] = ()
         self.plan: StepPlan | None = None
         self._last_masks: dict[str, torch.Tensor] = {}
+        self._mask_step: int | None = None  # the step whose masks the layers hold
         if not config.enabled:
             return
         self.targets, self.skipped = find_targets(model, config)
@@ -682,8 +703,11 @@ class NMSparsifier:
             plan.phase == "finetune" and cfg.finetune_mask == "frozen"
         )
         alpha: float | torch.Tensor = plan.alpha
+        new_step = step != self._mask_step
+        self._mask_step = step
         for state in self.layers.values():
-            state.cached_mask = None  # one mask per optimizer step, recomputed from W now
+            if new_step:  # one mask per optimizer step, recomputed from W now
+                state.cached_mask = None
             state.active = plan.masked
             state.srste_lambda = lam if plan.masked else 0.0
             state.freeze_pruned = frozen
@@ -700,7 +724,25 @@ class NMSparsifier:
                 state.alpha = 0.0
         if frozen:
             self._apply_frozen_masks()
+        self._prepare_step_masks()
         return plan
+
+    @torch.no_grad()
+    def _prepare_step_masks(self) -> None:
+        """Compute this step's mask of every masked layer now, outside any compiled graph: eager
+        forwards find it in the mask cache, compiled ones read it as a graph input
+        (``LayerSparsity.step_mask``) instead of recomputing it in every forward. Under FSDP it
+        computes nothing: the forward computes the mask where the weight is whole.
+        The Trainer's ``on_step_end`` and the next ``on_step_begin`` update to the same step: the
+        second call finds the masks cached and computes nothing."""
+        sharded = _fully_sharded(self.model)
+        for target in self.targets:
+            state = self.layers[target.name]
+            weight = target.module.weight
+            if not state.masked or sharded or _mask_key(weight) is None:
+                state.step_mask = None
+                continue
+            state.step_mask = state.mask(weight.t() if target.fan_in_fan_out else weight)
 
     @torch.no_grad()
     def _apply_frozen_masks(self) -> None:

@@ -311,7 +311,7 @@ def _frozen_finetune_check() -> list[dict]:
 
 # ---------------------------------------------------------------------------- FSDP2 via accelerate
 def _force_fsdp_on_cpu() -> None:
-    """Test-only shim (NOTES.md): accelerate keeps MULTI_CPU (i.e. DDP) when an FSDP plugin is
+    """Test-only shim: accelerate keeps MULTI_CPU (i.e. DDP) when an FSDP plugin is
     given on CPU; switch the state to FSDP right after its init so FSDP2 really runs on gloo."""
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-OUTSIDE = re.compile(r"\.\./shared|\bSPEC\.md|\bDESIGN\.md|\bSPEC §")
+OUTSIDE = re.compile(r"\.\./shared|\b(SPEC|DESIGN|NOTES|STYLE)\.md|\bSPEC §")
 BUILD_HISTORY = re.compile(r"\b[Ss]ession \d")
 METHOD_REF = re.compile(r"METHOD\.md,? (§[\d§\-, ]+)")
 

@@ -1,5 +1,6 @@
-"""Every Python snippet of README.md runs as written: in order, in one fresh process and one
-empty working directory, as a reader pasting them one after the other would; offline."""
+"""Every Python snippet of README.md and of the docs runs as written: page by page, in order, in
+one fresh process and one empty working directory per page, as a reader pasting them one after
+the other would; offline."""
 
 from __future__ import annotations
 
@@ -12,26 +13,28 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+PAGES = ["README.md", "docs/USAGE.md", "docs/LANGUAGE_MODELS.md", "docs/PRETRAINED.md"]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
-MARK = "### README.md line "
+MARK = "### line "
 
 
-def python_blocks() -> list[tuple[int, str]]:
-    """(line number, code) of every fenced ```python block of the README."""
-    text = README.read_text(encoding="utf-8")
+def python_blocks(page: str) -> list[tuple[int, str]]:
+    """(line number, code) of every fenced ```python block of ``page``."""
+    path = ROOT / page
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
     return [(text[: m.start()].count("\n") + 1, m.group(1)) for m in BLOCK.finditer(text)]
 
 
-def test_the_readme_has_python_snippets():
-    assert len(python_blocks()) >= 3
+def test_the_pages_have_python_snippets():
+    assert len(python_blocks("README.md")) >= 1
+    assert len(python_blocks("docs/USAGE.md")) >= 3
 
 
 @pytest.mark.slow
-def test_readme_snippets_run_as_written(tmp_path):
-    script = "".join(
-        f"print({MARK + str(line)!r}, flush=True)\n{code}\n" for line, code in python_blocks()
-    )
+@pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)])
+def test_snippets_run_as_written(page, tmp_path):
+    blocks = python_blocks(page)
+    script = "".join(f"print({MARK + str(line)!r}, flush=True)\n{code}\n" for line, code in blocks)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = subprocess.run(
         [sys.executable, "-c", script],
@@ -42,6 +45,6 @@ def test_readme_snippets_run_as_written(tmp_path):
         timeout=900,
     )
     reached = [line for line in out.stdout.splitlines() if line.startswith(MARK)]
-    where = reached[-1] if reached else "before the first snippet"
+    where = f"{page}, {reached[-1]}" if reached else f"{page}, before the first snippet"
     assert out.returncode == 0, f"failed in the snippet at {where}:\n{out.stderr[-3000:]}"
-    assert len(reached) == len(python_blocks())
+    assert len(reached) == len(blocks)

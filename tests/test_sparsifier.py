@@ -403,3 +403,36 @@ def test_torch_compile_recompiles_per_distinct_plan_not_per_step(batch, recipe):
         assert len(alphas) > 10  # alpha really moved every sparse step
     # one graph per distinct plan; MDGF's first sparse step also turns alpha from 0.0 to a tensor
     assert graphs <= len(plans) + 1, (graphs, plans)
+
+
+def test_compiled_forward_takes_the_step_masks_as_inputs(batch):
+    """Under torch.compile the masks `update(step)` computed enter the graph as inputs: one graph
+    (no break), no mask computed inside it, reused at the next step (new masks, same graph), and
+    the compiled loss equals the eager one at both steps."""
+    graphs: list[list[torch.Tensor]] = []
+
+    def backend(gm, example_inputs):
+        graphs.append(example_inputs)
+        return gm.forward
+
+    x, y = batch
+    config = NMSparsityConfig(n_keep=1, m=8, locations="FF,QKV", decay_type="exp", decay_coef=0.1)
+    model, ref = tiny_vit(), tiny_vit()
+    for m in (model, ref):  # set by the first loss otherwise: a guard of transformers' own
+        m.config.problem_type = "single_label_classification"
+    sp, ref_sp = NMSparsifier(model, config, 10), NMSparsifier(ref, config, 10)
+    torch._dynamo.reset()
+    run = torch.compile(model, backend=backend, fullgraph=True)
+    for step in (3, 4):
+        with torch.no_grad():  # new weights, so new masks, as after an optimizer step
+            for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+                p.mul_(-1.5 if step == 4 else 1.0), q.copy_(p)
+        sp.update(step)
+        ref_sp.update(step)
+        torch.testing.assert_close(
+            run(pixel_values=x, labels=y).loss, ref(pixel_values=x, labels=y).loss
+        )
+    torch._dynamo.reset()
+    assert len(graphs) == 1  # one graph for both steps
+    bool_inputs = [t for t in graphs[0] if isinstance(t, torch.Tensor) and t.dtype == torch.bool]
+    assert len(bool_inputs) == sum(len(t.blocks) for t in sp.targets) == 10
