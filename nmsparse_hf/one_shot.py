@@ -204,10 +204,6 @@ def _laid_out(target: TargetLayer) -> torch.Tensor:
     return weight.t() if target.fan_in_fan_out else weight
 
 
-def _rows(weight: torch.Tensor, block: SparseBlock) -> torch.Tensor:
-    return weight if block.rows is None else weight[block.rows[0] : block.rows[1]]
-
-
 @torch.no_grad()
 def _write(part: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> None:
     """``part`` <- ``values`` where ``keep``, else +0.0; a kept value that is (or rounds to) zero
@@ -305,10 +301,10 @@ def _block_row(
     before: torch.Tensor | None,
     stats: _LayerStats | None,
 ) -> OneShotBlock:
-    part = _rows(_laid_out(target), block)
+    part = block.part(_laid_out(target))
     error = relative = None
     if before is not None and stats is not None and stats.gram is not None:
-        old = _rows(before, block)
+        old = block.part(before)
         delta = old - part.float()
         error = float(((delta @ stats.gram) * delta).sum())
         base = float(((old @ stats.gram) * old).sum())
@@ -347,7 +343,7 @@ def _prune_layer(
         _sparsegpt_layer(weight, target, patterns, stats, opts.damping, opts.blocksize)
     else:
         for block, pattern in zip(target.blocks, patterns, strict=True):
-            part = _rows(weight, block)
+            part = block.part(weight)
             if opts.method == "wanda":
                 keep = _wanda_keep(part, stats, pattern)
             else:
@@ -406,7 +402,7 @@ def _check_targets(targets: list[TargetLayer], opts: _Options) -> None:
                 f"method='magnitude'."
             )
         for block in target.blocks:
-            shape = tuple(_rows(_laid_out(target), block).shape)
+            shape = tuple(block.part(_laid_out(target)).shape)
             label = target.name + ("" if block.rows is None else f" [{block.location} rows]")
             try:
                 check_divisible(

@@ -34,7 +34,7 @@ from .errors import NMSparsityError, NMTargetError, NMVerificationError
 from .masks import check_divisible, count_nonzeros, nm_group_nonzeros, nm_mask
 from .names import layers_for_model
 from .schedule import Pattern, SparsitySchedule, StepPlan
-from .targets import SkippedLayer, SparseBlock, TargetLayer, find_targets
+from .targets import SkippedLayer, TargetLayer, find_targets
 
 ATTR = "_nm_sparse"
 # stands in for the run length until the Trainer knows max_steps (validates fractions early)
@@ -114,10 +114,6 @@ def _fully_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule | FullyShardedDataParallel) for m in model.modules())
 
 
-def _block_view(weight: torch.Tensor, block: SparseBlock) -> torch.Tensor:
-    return weight if block.rows is None else weight[block.rows[0] : block.rows[1]]
-
-
 class LayerSparsity:
     """The sparsity state of one layer: which blocks, their patterns now, alpha, lambda.
 
@@ -184,7 +180,7 @@ class LayerSparsity:
         for block, pattern in zip(self.blocks, patterns, strict=True):
             if pattern is not None:
                 rows = block.rows or (0, weight.shape[0])
-                full[rows[0] : rows[1]] = nm_mask(_block_view(weight, block), *pattern, self.dim)
+                full[rows[0] : rows[1]] = nm_mask(block.part(weight), *pattern, self.dim)
         return full
 
     @property
@@ -641,7 +637,7 @@ class NMSparsifier:
             masks[target.name] = weight != 0
             for block in target.blocks:
                 pattern = self.config.target_pattern(block.location)
-                part = _block_view(weight, block)
+                part = block.part(weight)
                 check = check_layer(
                     target.name, part, block.location, pattern, self.config.sparse_dim
                 )
@@ -822,16 +818,16 @@ class NMSparsifier:
             state = self.layers[target.name]
             weight = _laid_out(target).detach()
             if state.final:
-                masks = [(b, _block_view(weight, b) != 0) for b in target.blocks]
+                masks = [(b, b.part(weight) != 0) for b in target.blocks]
                 eff = weight
             elif state.active:
                 full = state.mask(weight)
-                masks = [(b, _block_view(full, b)) for b in target.blocks]
+                masks = [(b, b.part(full)) for b in target.blocks]
                 eff = state.effective(weight)
             else:
                 masks, eff = [], weight
             for block in target.blocks:
-                part = _block_view(eff, block)
+                part = block.part(eff)
                 zeros.setdefault(block.location, [0.0, 0.0])
                 zeros[block.location][0] += part.numel() - count_nonzeros(part)
                 zeros[block.location][1] += part.numel()

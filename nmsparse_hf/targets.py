@@ -189,6 +189,11 @@ class SparseBlock:
     location: str
     rows: tuple[int, int] | None = None
 
+    def part(self, weight: torch.Tensor) -> torch.Tensor:
+        """This block of ``weight`` laid out ``[out, in, ...]``: the weight itself, or a view of
+        its rows."""
+        return weight if self.rows is None else weight[self.rows[0] : self.rows[1]]
+
 
 @dataclass
 class TargetLayer:
