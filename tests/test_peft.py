@@ -242,6 +242,30 @@ def test_callback_drives_a_peft_model_in_a_stock_trainer(tmp_path):
         assert torch.equal(modules[name].weight != 0, mask), name
 
 
+def test_nmsparse_trainer_saves_a_lora_model_merged_and_verified(tmp_path):
+    """`NMSparseTrainer.save_model` on a PEFT model writes the merged model (a plain N:M
+    checkpoint with the adapter model's logits); the trainer keeps its adapter model."""
+    from transformers import AutoModelForCausalLM
+
+    from nmsparse_hf.export import verify_checkpoint
+    from nmsparse_hf.integrations import NMSparseTrainer
+
+    model = _lora(_pruned("llama"))
+    args = tiny_training_args(
+        tmp_path, max_steps=3, learning_rate=1e-2, locations=ALL, mask_source="weights"
+    )
+    trainer = NMSparseTrainer(model=model, args=args, train_dataset=RandomTokens("lm", n=8))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert type(trainer.model).__name__ == "PeftModel"  # merged on a copy
+    assert verify_checkpoint(tmp_path / "final").ok
+    inputs = example_inputs("lm")
+    with torch.no_grad():
+        adapter = model.eval()(**inputs).logits
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "final")(**inputs).logits
+    assert _rel(saved, adapter) < 1e-4
+
+
 def test_sft_trainer_with_peft_config_and_the_callback(tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset

@@ -16,6 +16,7 @@ Thin adapters from the Trainer to `NMSparsifier`:
 
 from __future__ import annotations
 
+import copy
 import os
 
 from transformers import Trainer
@@ -27,6 +28,7 @@ from ..errors import NMSparsityConfigError, NMSparsityError
 from ..export import load_sparse_metadata, push_sparse_to_hub, save_sparse_pretrained
 from ..export.checkpoint import write_model_card
 from ..sparsifier import NMSparsifier
+from ..targets import peft_base_model
 from .arguments import SparseTrainingArguments
 from .callback import NMSparsityCallback
 from .distributed import distributed_mode
@@ -167,7 +169,8 @@ class NMSparseTrainer(Trainer):
         `save_sparse_pretrained`, the one sparse-export path: exact zeros, the ``nm_sparsity``
         metadata in ``config.json``, the processing class (so ``pipeline()`` loads the
         directory), a model card, and a verification of the written files; with
-        ``push_to_hub``, the sparse model is then uploaded once, from that directory.
+        ``push_to_hub``, the sparse model is then uploaded once, from that directory. A PEFT
+        (LoRA) model is saved merged (``merge_and_unload`` of a copy): a plain N:M checkpoint.
 
         Before that there is no sparse model: a call by the user is refused (nothing dense is
         written as if it were the model); the Trainer's own calls write its checkpoints (dense
@@ -188,15 +191,21 @@ class NMSparseTrainer(Trainer):
                     "touching training, use trainer.save_sparse_snapshot(output_dir)."
                 )
             return self._save_training_checkpoint(output_dir)
+        model, state_dict = self._unwrapped(), self._full_state_dict()
+        if peft_base_model(model) is not model:
+            # LoRA: the sparse model is the merged one (the adapters' deltas are masked by the
+            # base pattern, so merging keeps every layer N:M); merged on a copy, so the trained
+            # adapter model stays as it is
+            model, state_dict = copy.deepcopy(model).merge_and_unload(), None
         save_sparse_pretrained(
-            self._unwrapped(),
+            model,
             self.sparsifier,
             output_dir,
             processing_class=self.processing_class,
             eval_results=self._last_eval_results(),
             model_name=os.path.basename(os.path.abspath(self.args.output_dir)),
             overwrite=True,  # like Trainer.save_model: same-named files are replaced
-            state_dict=self._full_state_dict(),
+            state_dict=state_dict,
             is_main_process=self.args.should_save,
         )
         self.sparse_output_dir = output_dir
