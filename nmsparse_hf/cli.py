@@ -99,6 +99,7 @@ def _verify(args: argparse.Namespace) -> int:
                             "sparsity": c.sparsity,
                             "violations": c.violations,
                             "max_nonzeros": c.max_nonzeros,
+                            "negative_zeros": c.negative_zeros,
                             "ok": c.ok,
                         }
                         for c in report.layers

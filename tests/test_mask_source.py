@@ -3,6 +3,8 @@ finalize writes +0.0 zeros, verify counts -0.0 zeros and warns (in memory and on
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_vit
@@ -193,3 +195,7 @@ def test_verify_checkpoint_and_cli_warn_about_negative_zeros(tmp_path, capsys):
     assert cli(["verify", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"warning: {count} zero weight(s) are stored as -0.0" in out
+    assert cli(["verify", str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["negative_zeros"] for r in result["layers"] if r["negative_zeros"]] == [count]
+    assert any("-0.0" in w for w in result["warnings"])
