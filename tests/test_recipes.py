@@ -326,4 +326,6 @@ def test_default_recipe_under_ddp_two_cpu_processes(tmp_path):
         "backend": "gloo",
         "ranks_agree": True,
     }
+    assert summary["distributed_mode"] == "DDP"  # what really ran, not what was asked for
+    assert "processes: 2 (DDP, DistributedDataParallel" in proc.stdout
     assert summary["verified"] and verify_checkpoint(out / "final").ok

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import NMSparsityConfigError
 from .arguments import RecipeArgs, RecipeConfigError, RecipeSpec, ScriptArguments, parse_args
-from .common import evaluate_only, recipe_cli, save_and_finish, start_run
+from .common import evaluate_only, recipe_cli, save_and_finish, start_run, text_card_fields
 from .text_models import tiny_text_config, train_tokenizer
 
 
@@ -240,17 +240,7 @@ def perplexity(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def card_fields(model_args, data_args, output_dir: str) -> dict[str, Any]:
-    """The model card's fields beyond the checkpoint: title, base model, dataset, license."""
-    if data_args.dataset_name:
-        dataset = " ".join(filter(None, [data_args.dataset_name, data_args.dataset_config_name]))
-        tags = [data_args.dataset_name]
-    else:
-        dataset, tags = os.path.basename(data_args.train_file or "local text"), None
-    return dict(
-        model_name=os.path.basename(os.path.abspath(output_dir)),
-        finetuned_from=model_args.model_name_or_path,
-        dataset=dataset,
-        dataset_tags=tags,
-        license=model_args.license,
-        tags=["trl", "sft"],
-    )
+    """The model card's fields: those of every text recipe (`text_card_fields`), the license,
+    and TRL's tags."""
+    card = text_card_fields(model_args, data_args, output_dir)
+    return dict(card, license=model_args.license, tags=["trl", "sft"])

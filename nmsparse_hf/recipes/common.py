@@ -295,6 +295,22 @@ def save_and_finish(
     return finish_run(trainer, metrics, final_dir, time.time() - start, notes, distributed, mode)
 
 
+def text_card_fields(model_args, data_args, output_dir: str) -> dict[str, Any]:
+    """The model card's fields of a text recipe: title (the output directory's name), base
+    model, and the dataset (Hub id and configuration, else the training file's name)."""
+    if data_args.dataset_name:
+        dataset = " ".join(filter(None, [data_args.dataset_name, data_args.dataset_config_name]))
+        tags = [data_args.dataset_name]
+    else:
+        dataset, tags = os.path.basename(data_args.train_file or "local files"), None
+    return dict(
+        model_name=os.path.basename(os.path.abspath(output_dir)),
+        finetuned_from=model_args.model_name_or_path,
+        dataset=dataset,
+        dataset_tags=tags,
+    )
+
+
 def evaluate_only(trainer, notes: list[str], add_metrics=None) -> dict[str, Any]:
     """``--do_eval`` without training: evaluate the model as given (``add_metrics`` derives
     further metrics from the results), print the results, write nothing. Returns

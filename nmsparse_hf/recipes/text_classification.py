@@ -22,7 +22,6 @@ settings, data, model, trainer, train, save, evaluate, verify, as the image reci
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 
 from ..errors import NMSparsityConfigError
 from .arguments import RecipeArgs, RecipeSpec, ScriptArguments, parse_args
-from .common import evaluate_only, recipe_cli, save_and_finish, start_run
+from .common import evaluate_only, recipe_cli, save_and_finish, start_run, text_card_fields
 from .models import check_metrics
 from .text_models import check_text_preset, tiny_text_config, train_tokenizer
 
@@ -389,19 +388,5 @@ def main(recipe: RecipeArgs) -> dict[str, Any]:
 
         # ---- train, then save (before any evaluation), evaluate, verify
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        card = _card_fields(model_args, data_args, args.output_dir)
+        card = text_card_fields(model_args, data_args, args.output_dir)
         return save_and_finish(trainer, final_dir, card, start, notes)
-
-
-def _card_fields(model_args, data_args, output_dir: str) -> dict[str, Any]:
-    if data_args.dataset_name:
-        dataset = " ".join(filter(None, [data_args.dataset_name, data_args.dataset_config_name]))
-        tags = [data_args.dataset_name]
-    else:
-        dataset, tags = os.path.basename(data_args.train_file or "local files"), None
-    return dict(
-        model_name=os.path.basename(os.path.abspath(output_dir)),
-        finetuned_from=model_args.model_name_or_path,
-        dataset=dataset,
-        dataset_tags=tags,
-    )
