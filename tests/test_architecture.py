@@ -16,6 +16,7 @@ CORE = {
     "schedule",
     "autograd",
     "targets",
+    "names",
     "sparsifier",
     "one_shot",
 }

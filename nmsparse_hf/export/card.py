@@ -1,11 +1,13 @@
 """The model card (README.md) of a sparse checkpoint: Hub metadata (front matter written by
 `huggingface_hub.ModelCardData`: pipeline tag, base model, datasets, license, tags, model-index)
-and a body from ``templates/model_card.md``."""
+and a body from ``templates/model_card.md``.
+
+Rendering only: every input (the metadata, the verification report, the architectures) is an
+argument, and nothing here reads a checkpoint or writes a file; `export.checkpoint` writes the
+card (`write_model_card`) as part of the one save path."""
 
 from __future__ import annotations
 
-import json
-import os
 import string
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -52,48 +54,6 @@ def infer_pipeline_tag(architectures: Sequence[str] | None) -> str | None:
             if name.endswith(suffix):
                 return task
     return None
-
-
-def write_model_card(
-    folder: str | os.PathLike,
-    meta: SparseCheckpointMetadata,
-    report: VerificationReport | None = None,
-    eval_results: Mapping[str, Any] | None = None,
-    model_name: str | None = None,
-    model_type: str | None = None,
-    **card: Any,
-) -> Path:
-    """Write ``README.md`` (`render_model_card`) into a saved checkpoint; verifies it first when no
-    ``report`` is given. ``card`` holds `render_model_card`'s keyword-only arguments; without
-    ``architectures`` they are read from the folder's ``config.json`` (for the pipeline tag).
-    Returns the card's path."""
-    folder = Path(folder)
-    if report is None:
-        from .checkpoint import verify_checkpoint
-
-        report = verify_checkpoint(folder).raise_if_failed()
-    if card.get("architectures") is None:
-        card["architectures"] = _architectures(folder)
-    text = render_model_card(
-        meta,
-        report,
-        eval_results=eval_results,
-        model_name=model_name or folder.resolve().name,
-        model_type=model_type,
-        **card,
-    )
-    path = folder / "README.md"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def _architectures(folder: Path) -> list[str] | None:
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    value = config.get("architectures") if isinstance(config, dict) else None
-    return [a for a in value if isinstance(a, str)] if isinstance(value, list) else None
 
 
 def _cell(value: Any) -> str:

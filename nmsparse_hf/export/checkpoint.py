@@ -5,7 +5,13 @@ safetensors with exact zeros, the processor or tokenizer, a README.md model card
 ``from_pretrained`` and no nmsparse_hf. Its ``config.json`` carries the ``nm_sparsity`` block
 (`SparseCheckpointMetadata`). `NMSparseTrainer.save_model`, the recipes and the plain-loop example
 all save through `save_sparse_pretrained`; `verify_checkpoint` checks a directory against its own
-metadata, reading the weights ``from_pretrained`` would load (`WeightFiles`).
+metadata, reading the weights ``from_pretrained`` would load (`WeightFiles`) and the layers the
+recorded config targets in the recorded architecture (`architecture_problems`).
+
+Saving is atomic (`export.atomic`): the files are written into a staging directory beside the
+output, verified there, and moved into place; the save manifest (``.nmsparse_manifest.json``,
+the sha256 of every file written) is the last file and marks the save finished
+(`checkpoint_state`).
 
     sparsifier.finalize()
     save_sparse_pretrained(model, sparsifier, "out/vit-2of4", processing_class=processor)
@@ -17,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,7 +34,9 @@ from torch import nn
 from ..config import LOCATIONS, NMSparsityConfig
 from ..errors import NMCheckpointError, NMSparsityError, NMVerificationError
 from ..sparsifier import NMSparsifier, VerificationReport, check_blocks
-from .card import write_model_card
+from . import atomic
+from .architecture import architecture_problems
+from .card import render_model_card
 from .metadata import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -39,7 +48,60 @@ from .metadata import (
     on_disk_names,
     read_json,
 )
-from .weights import WeightFiles
+from .weights import WeightFiles, regular_file
+
+CheckpointState = Literal["finished", "incomplete", "missing"]
+
+
+class NMIncompleteCheckpointError(NMCheckpointError):
+    """The directory is an unfinished save (a save into it was interrupted): nothing in it is
+    taken as a checkpoint."""
+
+
+# ---------------------------------------------------------------------------------- state
+def checkpoint_state(path: str | os.PathLike) -> CheckpointState:
+    """Whether a sparse save into ``path`` finished, cheaply (no weight is read).
+
+    * ``"finished"``: ``path`` holds ``config.json`` and the save manifest that
+      `save_sparse_pretrained` writes last, after the saved files verified (a later save into
+      ``path`` that was interrupted leaves this one in place, still finished);
+    * ``"missing"``: nothing is there (no folder, or an empty one, and no save left anything
+      beside it);
+    * ``"incomplete"``: anything else: a save into ``path`` started and did not finish (its
+      staging directory is left beside ``path``), or the folder holds files that no finished
+      save marked (a half-copied folder, a checkpoint from elsewhere).
+
+    `verify_checkpoint` refuses a folder whose save is known to be unfinished; a rerun that
+    finds ``"finished"`` would replace a finished model.
+    """
+    folder = Path(path)
+    if folder.is_dir() and (folder / "config.json").is_file() and _finished(folder):
+        return "finished"
+    if atomic.leftovers(folder):
+        return "incomplete"
+    if not os.path.lexists(folder) or (folder.is_dir() and not any(folder.iterdir())):
+        return "missing"
+    return "incomplete"
+
+
+def _finished(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file() and "config.json" in read_manifest(folder)
+
+
+def _refuse_unfinished(folder: Path) -> None:
+    """Raise `NMIncompleteCheckpointError` when a save into ``folder`` is known to be
+    unfinished: no finish marker, and either a save's staging directory beside it or ``folder``
+    itself a staging directory."""
+    if (folder / MANIFEST).is_file() and _finished(folder):
+        return
+    left = atomic.leftovers(folder)
+    if not left and not atomic.is_staging(folder):
+        return
+    where = f" (left beside it: {', '.join(p.name for p in left)})" if left else ""
+    raise NMIncompleteCheckpointError(
+        f"{folder}: incomplete: a save into it did not finish{where}. Nothing in it is a "
+        f"checkpoint; save again with save_sparse_pretrained."
+    )
 
 
 # ---------------------------------------------------------------------------------- verification
@@ -47,26 +109,49 @@ def verify_checkpoint(path: str | os.PathLike) -> VerificationReport:
     """Check a saved sparse checkpoint against its own metadata, reading only JSON and safetensors.
 
     The weights checked are those ``from_pretrained`` would load (`WeightFiles`: same file
-    precedence, nothing outside the directory). For every layer of the metadata, each block must
-    be N:M at its recorded pattern along ``sparse_dim`` (`check_blocks`). Every top-level claim
+    precedence, only regular files inside the directory, a tensor stored in two files refused).
+    For every layer of the metadata, each block must be N:M at its recorded pattern along
+    ``sparse_dim`` (`check_blocks`), and a layer's blocks must not overlap. Every top-level claim
     is cross-checked against the blocks and the weights (`claim_problems`): the patterns
     (``n_keep``/``m``, ``n_keep_qkv``/``m_qkv``, ``locations``, the training ``config``, the
     recipe name), the counts (``nonzeros``, ``numel``, ``achieved_sparsity``) and
-    ``location_sparsity``. Metadata disagreeing with the weights is a failure, never trusted.
+    ``location_sparsity``. The recorded config and architecture decide which layers must be
+    sparse and how their blocks lie (`architecture_problems`: every targeted layer recorded, its
+    blocks covering exactly the rows the config makes sparse, ``fan_in_fan_out`` only on a
+    Conv1D); when they cannot be read or built, that is a failure. Metadata disagreeing with the
+    weights is a failure, never trusted. Zeros stored as -0.0 are counted and reported as a
+    warning (``report.warnings()``), not a failure.
 
     Returns:
         The `VerificationReport` (``report.ok``; ``str(report)`` is a per-layer table).
 
     Raises:
+        NMIncompleteCheckpointError: a save into the directory did not finish.
         NMCheckpointError: the input cannot be read (no or malformed config.json or metadata,
-            no safetensors weights, a path leaving the directory, an unreadable file).
+            no safetensors weights, a path leaving the directory, an entry that is not a regular
+            file, an unreadable file).
     """
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent
-    meta = load_sparse_metadata(folder)
+    _refuse_unfinished(folder)
+    return _verify_folder(folder)
+
+
+def _verify_folder(folder: Path) -> VerificationReport:
+    """`verify_checkpoint` of a folder not known to be unfinished (the save path calls it on
+    its staging directory)."""
+    if not os.path.lexists(folder / "config.json"):
+        load_sparse_metadata(folder)  # raises the "no such file" error
+    config = regular_file(folder, "config.json", "the model config")
+    meta = load_sparse_metadata(config)
     files = WeightFiles(folder)
     report = VerificationReport()
+    for key, shards in sorted(files.duplicates.items()):
+        report.problems.append(
+            f"{key}: stored in {len(shards)} weight files ({', '.join(shards)}); which copy "
+            f"loads is not what the index says, so a tensor must be stored once"
+        )
     for name, blocks in meta.layers.items():
         weight = files.get(f"{name}.weight")
         if weight is None:
@@ -75,53 +160,25 @@ def verify_checkpoint(path: str | os.PathLike) -> VerificationReport:
                 f"({', '.join(files.files)})"
             )
             continue
+        report.problems += overlap_problems(name, blocks)
         check_blocks(report, name, weight, [b.to_dict() for b in blocks], meta.sparse_dim)
     report.problems += claim_problems(meta, report)
-    report.problems += coverage_problems(folder, meta)
+    report.problems += architecture_problems(config, meta)
     return report
 
 
-def _architecture_targets(folder: Path, meta: SparseCheckpointMetadata) -> dict[str, str] | None:
-    """``{current module name: on-disk name}`` of the layers the recorded config targets in the
-    architecture ``config.json`` describes (built on the meta device: no weights, no code from
-    the checkpoint), or None when that architecture cannot be built here."""
-    try:
-        import transformers
-        from transformers import AutoConfig
-
-        from ..targets import find_targets
-
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-        classes = [getattr(transformers, a, None) for a in (config.architectures or [])]
-        cls = next((c for c in classes if c is not None), None)
-        if cls is None:
-            return None
-        with torch.device("meta"):
-            model = cls(config)
-        targets, _ = find_targets(model, NMSparsityConfig.from_dict(meta.config))
-        return on_disk_names(model, [t.name for t in targets])
-    except Exception:  # noqa: BLE001 - any architecture this environment cannot build is skipped
-        return None
-
-
-def coverage_problems(folder: Path, meta: SparseCheckpointMetadata) -> list[str]:
-    """The recorded config (its locations or target_modules) decides which layers must be sparse;
-    a layer it targets in the saved architecture but the metadata leaves out is a problem (the
-    metadata could otherwise hide a dense layer by not naming it)."""
-    if not meta.config:
+def overlap_problems(name: str, blocks: list) -> list[str]:
+    """A layer's blocks must not overlap: a whole-weight block stands alone, row ranges are
+    disjoint (``blocks``: `LayerBlock` records of one layer)."""
+    if len(blocks) < 2:
         return []
-    expected = _architecture_targets(folder, meta)
-    if not expected:
-        return []
-    named = set(meta.layers) | set(meta.current_names.values())
-    missing = [cur for cur, disk in expected.items() if cur not in named and disk not in named]
-    if not missing:
-        return []
-    return [
-        f"metadata omits {len(missing)} layer(s) its config targets in this architecture "
-        f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): their N:M layout is "
-        f"not recorded, so it cannot be trusted"
-    ]
+    if any(b.rows is None for b in blocks):
+        return [f"{name}: a block covering the whole weight is listed with other blocks"]
+    spans = sorted(tuple(b.rows) for b in blocks)
+    for (a0, a1), (b0, b1) in zip(spans, spans[1:], strict=False):
+        if b0 < a1:
+            return [f"{name}: metadata blocks overlap (rows {[a0, a1]} and {[b0, b1]})"]
+    return []
 
 
 def _expected_pattern(meta: SparseCheckpointMetadata, location: str) -> tuple[int, int]:
@@ -345,12 +402,15 @@ def _ours(folder: Path) -> dict[str, str]:
     return {n: d for n, d in read_manifest(folder).items() if _sha256(folder / n) == d}
 
 
-def _prepare_dir(folder: Path, overwrite: bool) -> None:
-    """Create ``folder``, or clear our own unchanged files from a previous save. Refuse (unless
-    ``overwrite``) when anything else is there, so nothing a user saved is lost."""
-    if folder.exists() and not folder.is_dir():
+def _replaced_entries(folder: Path, overwrite: bool) -> list[str] | None:
+    """What a save into ``folder`` replaces: None when the whole folder can be swapped (it does
+    not exist, or holds only unchanged files of a previous save), else the names to set aside
+    (the previous save's files, its manifest first), everything else staying in place. Refuse
+    (unless ``overwrite``) when anything else is there, so nothing a user saved is lost."""
+    if os.path.lexists(folder) and not folder.is_dir():
         raise NMSparsityError(f"output_dir = {str(folder)!r} is a file. Pass a directory.")
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        return None
     ours = _ours(folder)
     foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours and p.name != MANIFEST)
     if foreign and not overwrite:
@@ -360,15 +420,30 @@ def _prepare_dir(folder: Path, overwrite: bool) -> None:
             f"{' ...' if len(foreign) > 5 else ''}. Choose an empty directory, or pass "
             f"overwrite=True to write into it (files with other names are left in place)."
         )
-    for name in ours:
-        (folder / name).unlink()
-    (folder / MANIFEST).unlink(missing_ok=True)
+    if not foreign and not atomic.must_swap_files(folder):
+        return None
+    marker = [MANIFEST] if os.path.lexists(folder / MANIFEST) else []
+    return marker + sorted(ours)
 
 
-def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {
-        p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()
-    }
+def _move_into_place(staged: Path, folder: Path, replaced: list[str] | None) -> None:
+    """Swap the verified staging directory into place (`atomic.swap_dir`), or, when ``folder``
+    keeps other entries, its files one by one with the manifest last (`atomic.swap_files`)."""
+    if replaced is None:
+        atomic.swap_dir(staged, folder)
+        return
+    names = sorted(p.name for p in staged.iterdir() if p.name != MANIFEST)
+    same = [n for n in names if os.path.lexists(folder / n) and n not in replaced]
+    atomic.swap_files(staged, folder, replaced + same, names + [MANIFEST])
+
+
+def _write_manifest(folder: Path, fmt: str, digests: Mapping[str, str]) -> None:
+    """Write the save manifest (``{file name: sha256}``): the finish marker, so it is written
+    last, through a temporary name and an atomic rename."""
+    manifest = {"format": fmt, "files": dict(sorted(digests.items()))}
+    temporary = folder / f"{MANIFEST}.tmp"
+    temporary.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, folder / MANIFEST)
 
 
 def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -406,6 +481,15 @@ def save_sparse_pretrained(
     zeros, the processor or tokenizer (``processing_class.save_pretrained``) so that
     ``pipeline()`` loads the directory, and a ``README.md`` model card. The written files are then
     verified with `verify_checkpoint`, and each targeted weight on disk must equal the one saved.
+
+    The save is atomic: everything is written into a staging directory beside ``output_dir``
+    (``.<name>.nmsparse-tmp-<pid>``), verified there, and the save manifest (the sha256 of each
+    file) is written last, as the finish marker (`checkpoint_state`). Only then does it move into
+    place: the previous folder is renamed aside, the new one renamed in, the old one deleted;
+    when ``output_dir`` keeps other files (``overwrite``), the previous save's files are set
+    aside and the new ones moved in one by one, the manifest last. On any failure, and when the
+    process is killed, the previous checkpoint stays in place, and a first save leaves nothing
+    that `checkpoint_state` calls finished.
 
     Args:
         model: the model ``sparsifier`` is attached to, after ``sparsifier.finalize()``.
@@ -451,21 +535,64 @@ def save_sparse_pretrained(
     state = _full_state_dict(model) if state_dict is None else state_dict
     if not is_main_process:
         return folder
-    _prepare_dir(folder, overwrite)
-    before = _snapshot(folder)
+    replaced = _replaced_entries(folder, overwrite)
+    staged = atomic.staging_dir(folder)
+    try:
+        meta, report = _write_staged(
+            model,
+            sparsifier,
+            state,
+            staged,
+            explicit=state_dict is not None or gathered,
+            processing_class=processing_class,
+            **save_kwargs,
+        )
+        name = model_name or folder.resolve().name
+        _write_card(staged, meta, report, model, eval_results, name, card)
+        written = {p.name: _sha256(p) for p in staged.iterdir() if p.is_file()}
+        _write_manifest(staged, meta.format, written)  # the finish marker: last
+        _move_into_place(staged, folder, replaced)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return folder
+
+
+def _write_staged(
+    model: nn.Module,
+    sparsifier: NMSparsifier,
+    state: Mapping[str, torch.Tensor],
+    staged: Path,
+    explicit: bool,
+    processing_class: Any,
+    **save_kwargs: Any,
+) -> tuple[SparseCheckpointMetadata, VerificationReport]:
+    """Write the model, its metadata and processor into ``staged`` and verify what was written
+    (`_verify_folder`, and each targeted weight on disk equals the one saved)."""
     meta = build_metadata(
         model, sparsifier, state, save_original_format=save_kwargs.get("save_original_format", True)
     )
     model.config.nm_sparsity = meta.to_dict()
-    explicit = {"state_dict": dict(state)} if (state_dict is not None or gathered) else {}
-    model.save_pretrained(folder, **explicit, **save_kwargs)
+    given = {"state_dict": dict(state)} if explicit else {}
+    model.save_pretrained(staged, **given, **save_kwargs)
     if processing_class is not None:
-        processing_class.save_pretrained(folder)
-    report = verify_checkpoint(folder)
-    _check_written(folder, meta, state)
+        processing_class.save_pretrained(staged)
+    report = _verify_folder(staged)
+    _check_written(staged, meta, state)
     report.raise_if_failed()
+    return meta, report
+
+
+def _write_card(
+    staged: Path,
+    meta: SparseCheckpointMetadata,
+    report: VerificationReport,
+    model: nn.Module,
+    eval_results: Mapping[str, Any] | None,
+    model_name: str,
+    card: Mapping[str, Any] | None,
+) -> None:
     write_model_card(
-        folder,
+        staged,
         meta,
         report,
         eval_results=eval_results,
@@ -473,13 +600,50 @@ def save_sparse_pretrained(
         model_type=getattr(model.config, "model_type", None),
         **dict(card or {}),
     )
-    after = _snapshot(folder)
-    written = sorted(
-        name for name, stat in after.items() if before.get(name) != stat or name == "README.md"
+
+
+def write_model_card(
+    folder: str | os.PathLike,
+    meta: SparseCheckpointMetadata,
+    report: VerificationReport | None = None,
+    eval_results: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+    model_type: str | None = None,
+    **card: Any,
+) -> Path:
+    """Write ``README.md`` (`render_model_card`) into a saved checkpoint; verifies it first when no
+    ``report`` is given. ``card`` holds `render_model_card`'s keyword-only arguments; without
+    ``architectures`` they are read from the folder's ``config.json`` (for the pipeline tag).
+    When the folder's save manifest lists the card, its digest is updated, so the card stays a
+    file of that save. Returns the card's path."""
+    folder = Path(folder)
+    if report is None:
+        report = verify_checkpoint(folder).raise_if_failed()
+    if card.get("architectures") is None:
+        card["architectures"] = _architectures(folder)
+    text = render_model_card(
+        meta,
+        report,
+        eval_results=eval_results,
+        model_name=model_name or folder.resolve().name,
+        model_type=model_type,
+        **card,
     )
-    manifest = {"format": meta.format, "files": {n: _sha256(folder / n) for n in written}}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return folder
+    path = folder / "README.md"
+    path.write_text(text, encoding="utf-8")
+    listed = read_manifest(folder)
+    if "README.md" in listed:  # the card stays a file of that save
+        _write_manifest(folder, meta.format, {**listed, "README.md": _sha256(path)})
+    return path
+
+
+def _architectures(folder: Path) -> list[str] | None:
+    try:
+        config = read_json(folder / "config.json", "model config")
+    except NMCheckpointError:
+        return None
+    value = config.get("architectures") if isinstance(config, dict) else None
+    return [a for a in value if isinstance(a, str)] if isinstance(value, list) else None
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +40,18 @@ MAX_JSON_BYTES = 64 << 20  # a config.json larger than this is not a model confi
 # ---------------------------------------------------------------------------------- JSON input
 def read_json(path: Path, what: str) -> Any:
     """Parse a small JSON file, mapping every way it can be unreadable to `NMCheckpointError`
-    (missing, too large, not UTF-8, invalid or absurdly nested JSON)."""
+    (missing, not a regular file, too large, not UTF-8, invalid or absurdly nested JSON). The
+    entry is checked with ``os.stat`` before it is opened: a FIFO or device would block."""
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except OSError as exc:
         raise NMCheckpointError(f"{path}: cannot read the {what} ({exc.strerror}).") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise NMCheckpointError(
+            f"{path}: the {what} is not a regular file (a FIFO, socket, device or directory); "
+            f"it is not opened."
+        )
+    size = info.st_size
     if size > MAX_JSON_BYTES:
         raise NMCheckpointError(
             f"{path}: the {what} is {size} bytes, over the {MAX_JSON_BYTES} bytes any model "
@@ -347,7 +355,7 @@ def load_sparse_metadata(path: str | os.PathLike) -> SparseCheckpointMetadata:
     """
     path = Path(path)
     config = path / "config.json" if path.is_dir() else path
-    if not config.is_file():
+    if not os.path.lexists(config):
         raise NMCheckpointError(
             f"{config}: no such file. Pass a checkpoint directory saved by "
             f"save_sparse_pretrained (it holds config.json)."

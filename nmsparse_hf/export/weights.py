@@ -6,12 +6,16 @@ resolves them, and read with ``safetensors`` only.
 (and the shards its ``weight_map`` lists); then pickled ``pytorch_model.bin`` files. So a
 directory holding both a single file and an index loads the single file, whatever the index says.
 `WeightFiles` follows the same order, refuses every path that leaves the directory (``..``,
-absolute paths, symlinks pointing outside), and never unpickles anything.
+absolute paths, symlinks pointing outside) and every entry that is not a regular file (a FIFO or a
+device would block or never end), never unpickles anything, and records every tensor name stored
+in more than one of the files it loads (`duplicates`): which copy loads is then not what the
+index says, so verify refuses it.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import torch
@@ -45,6 +49,28 @@ def inside(folder: Path, name: str, what: str) -> Path:
     return path
 
 
+def regular_file(folder: Path, name: str, what: str) -> Path:
+    """`inside`, and the entry must be a regular file (``os.stat`` before anything opens it: a
+    FIFO, socket or device in place of a checkpoint file would block or never end).
+
+    Raises:
+        NMCheckpointError: the path leaves ``folder``, does not exist, or is not a regular file.
+    """
+    path = inside(folder, name, what)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise NMCheckpointError(
+            f"{folder}: {what} names {name!r}, which cannot be read ({exc.strerror})."
+        ) from None
+    if not stat.S_ISREG(mode):
+        raise NMCheckpointError(
+            f"{path}: {what} is not a regular file (a FIFO, socket, device or directory); a "
+            f"checkpoint holds plain files only, so it is not opened."
+        )
+    return path
+
+
 class WeightFiles:
     """The tensors ``from_pretrained`` would load from a checkpoint directory.
 
@@ -52,6 +78,8 @@ class WeightFiles:
         files: the weight files, in load order (names relative to the directory).
         index: the index file, or ``None`` for a single file.
         file_of: tensor name -> the file it is read from.
+        duplicates: tensor name -> every loaded file that stores it, for names stored in more
+            than one file (``{}`` for a sound checkpoint).
 
     Raises:
         NMCheckpointError: no safetensors weights (or only pickled ones), a path outside the
@@ -64,6 +92,7 @@ class WeightFiles:
         self._open = safe_open
         self.folder = Path(folder)
         self.index: str | None = None
+        self.duplicates: dict[str, list[str]] = {}
         explicit = self._explicit()
         if explicit is not None:
             self._load(explicit, "config.json 'transformers_weights'")
@@ -97,9 +126,9 @@ class WeightFiles:
         return name
 
     def _load(self, name: str, what: str) -> None:
-        path = inside(self.folder, name, what)
-        if not path.is_file():
+        if not os.path.exists(inside(self.folder, name, what)):
             raise NMCheckpointError(f"{self.folder}: {what} names {name!r}, which does not exist.")
+        path = regular_file(self.folder, name, what)
         if not name.endswith(".index.json"):
             self.files = [name]
             self.file_of = dict.fromkeys(self._keys(path), path)
@@ -114,9 +143,16 @@ class WeightFiles:
                 f"{path}: not a safetensors index (expected a 'weight_map' of tensor name -> "
                 f"shard file name)."
             )
-        shards = {v: inside(self.folder, v, f"{name}'s weight_map") for v in weight_map.values()}
+        shards = {
+            v: regular_file(self.folder, v, f"{name}'s weight_map") for v in weight_map.values()
+        }
         self.files = sorted(shards)
         self.file_of = {key: shards[shard] for key, shard in weight_map.items()}
+        holders: dict[str, list[str]] = {}
+        for shard in self.files:
+            for key in self._keys(shards[shard]):
+                holders.setdefault(key, []).append(shard)
+        self.duplicates = {k: files for k, files in holders.items() if len(files) > 1}
 
     def _keys(self, file: Path) -> list[str]:
         try:
