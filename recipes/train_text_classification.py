@@ -1,5 +1,7 @@
 """Fine-tune an N:M-sparse text classifier (BERT-style or T5 text to text) with the Trainer.
 
+    accelerate launch recipes/train_text_classification.py --train_file train.csv \
+        --validation_file dev.csv                             # built-in tiny-bert, offline
     accelerate launch recipes/train_text_classification.py t5_base_glue_mdgf_exp_1of32.yaml
     accelerate launch recipes/train_text_classification.py t5_base_glue_mdgf_exp_1of32.yaml \\
         --dataset_config_name mnli --max_steps 1000           # flags override the config
@@ -11,8 +13,8 @@
     python recipes/train_text_classification.py --help
 
 A config is a path or the name of a shipped one (nmsparse_hf/recipes/configs/). The final model,
-its tokenizer, model card and N:M metadata are written to <output_dir>/final. See README.md
-("Language models").
+its tokenizer, model card and N:M metadata are written to <output_dir>/final. See
+docs/RECIPES.md.
 """
 
 from nmsparse_hf.recipes.text_classification import cli

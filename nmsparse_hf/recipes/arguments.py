@@ -312,9 +312,10 @@ def read_config(path: str, parser, notes: list[str], spec: RecipeSpec) -> dict[s
             hint = f"did you mean {close[0]!r}?" if close else "see --help for the settings."
             raise RecipeConfigError(f"{_where(path, lines, key)}: unknown setting {key!r}; {hint}")
     for key in PATH_KEYS:
-        beside = Path(path).parent / str(data.get(key))
-        if isinstance(data.get(key), str) and not Path(data[key]).exists() and beside.exists():
-            data[key] = str(beside)
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).exists():
+            beside = Path(path).parent / value
+            data[key] = str(beside) if beside.exists() else value
     return {k: _typed(v, fields[k], _where(path, lines, k), k) for k, v in data.items()}
 
 
