@@ -238,3 +238,18 @@ def test_seed_module_passes_the_complexity_check():
         text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_cli_reads_a_seed_file_through_the_recipes_one_reader(tmp_path):
+    """``nmsparse report`` takes the model a seed file names from the recipes' translation (the
+    same model a run builds) and refuses what the recipes refuse (a duplicate key)."""
+    from nmsparse_hf.cli import _named_model
+
+    named = _named_model(str(VIT))
+    recipe = _parse(VIT)
+    assert named["model_config"] == recipe.model.model_config == "timm:vit_base_patch16_224"
+    assert named["config_overrides"] == recipe.model.config_overrides
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(VIT.read_text() + "\nepochs: 10\n")
+    with pytest.raises(NMSparsityConfigError, match="duplicate key 'epochs'"):
+        _named_model(str(twice))
