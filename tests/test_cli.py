@@ -92,6 +92,7 @@ def test_verify_json(ckpt, capsys):
         "sparsity": 0.5,
         "violations": 0,
         "max_nonzeros": 2,
+        "negative_zeros": 0,
         "ok": True,
     }
 
