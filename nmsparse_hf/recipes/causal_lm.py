@@ -13,7 +13,8 @@ Text comes from the Hub (``--dataset_name``) or local files (``--train_file`` /
 is TRL's ``--dataset_text_field``). The model is a pretrained one or the built-in ``tiny-llama``
 (its tokenizer trained on the training text). ``--one_shot`` prunes it to the target pattern
 before training (magnitude, Wanda or SparseGPT, calibrated on the first
-``--calibration_samples`` training texts); TRL's ``--use_peft`` trains LoRA adapters.
+``--calibration_samples`` training texts); TRL's ``--use_peft`` trains LoRA adapters under the
+masks, merged into the N:M base weights before the model is saved.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def main(recipe: RecipeArgs) -> dict[str, Any]:
 
         # ---- train, then save (before any evaluation), evaluate, verify
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        if peft_config is not None:  # the N:M base with the (masked) adapter updates merged in
+            trainer.model = trainer.model_wrapped = trainer.model.merge_and_unload()
         card = card_fields(model_args, data_args, args.output_dir)
         return save_and_finish(trainer, final_dir, card, start, notes, add_metrics=perplexity)
 
