@@ -219,6 +219,8 @@ def test_ddp_two_gloo_processes_nmsparse_trainer(tmp_path):
     meta = model.config.nm_sparsity
     report = verify_nm(model, layers=meta.get("layers_current") or meta["layers"])
     assert report.ok and len(report.layers) == 10
+    card = (final / "README.md").read_text()  # the card says how the run really ran
+    assert "| distributed mode | DDP |" in card and "| processes | 2 |" in card
     for name in ranks[0]["targets"]:
         saved = dict(model.named_modules())[name].weight.detach()
         assert torch.equal(saved, t0[f"final.{name}"]), name

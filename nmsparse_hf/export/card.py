@@ -150,6 +150,7 @@ def render_model_card(
     tags: str | Sequence[str] | None = None,
     base_model: str | None = None,
     datasets: str | Sequence[str] | None = None,
+    training: Mapping[str, Any] | None = None,
 ) -> str:
     """The README.md of a sparse checkpoint: front matter (`card_metadata`) and the body of
     ``templates/model_card.md``.
@@ -159,7 +160,9 @@ def render_model_card(
     ``architectures`` (`infer_pipeline_tag`); ``finetuned_from`` (or ``base_model``, the Hub
     card's name) is the base model's Hub id or path; ``dataset`` names the evaluation data for
     the model-index; ``dataset_tags`` (or ``datasets``) lists Hub dataset ids; ``tags`` are added
-    to ours. These names are those of `Trainer.create_model_card`.
+    to ours. These names are those of `Trainer.create_model_card`. ``training`` adds rows to the
+    card's training table, e.g. how the run was distributed (``{"distributed mode": "DDP",
+    "processes": 2}``).
     """
     pipeline_tag = pipeline_tag or infer_pipeline_tag(architectures)
     finetuned_from = finetuned_from or base_model
@@ -185,7 +188,7 @@ def render_model_card(
         model_name=model_name,
         what=_what(pipeline_tag, finetuned_from),
         usage=_usage(pipeline_tag, repo_hint),
-        **_body_tables(meta, report, eval_results),
+        **_body_tables(meta, report, eval_results, training),
         library_version=meta.library_version or "?",
         format=meta.format,
     )
@@ -227,6 +230,7 @@ def _body_tables(
     meta: SparseCheckpointMetadata,
     report: VerificationReport,
     eval_results: Mapping[str, Any] | None,
+    training: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     location_rows = [
         f"| {loc} | {info.pattern[0]}:{info.pattern[1]} | {info.blocks} | {info.sparsity:.4f} |"
@@ -237,7 +241,8 @@ def _body_tables(
         f"{'x'.join(map(str, c.shape))} | {c.sparsity:.4f} |"
         for c in report.layers
     ]
-    recipe_rows = [f"| {_cell(k)} | {_cell(v)} |" for k, v in meta.config.items() if v is not None]
+    settings = {**meta.config, **(training or {})}
+    recipe_rows = [f"| {_cell(k)} | {_cell(v)} |" for k, v in settings.items() if v is not None]
     if eval_results:
         eval_section = "| metric | value |\n|---|---|\n" + "\n".join(
             f"| {_cell(k)} | {_cell(v)} |" for k, v in eval_results.items()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import Any
 
 from transformers import Trainer
 from transformers.trainer_utils import HubStrategy
@@ -152,6 +153,11 @@ class NMSparseTrainer(Trainer):
             )
         return str(value)
 
+    def _training_rows(self) -> dict[str, Any]:
+        """The card's rows on how this run was distributed (`distributed_mode`)."""
+        mode = self.distributed_mode()
+        return {"distributed mode": mode["mode"], "processes": mode["processes"]}
+
     def distributed_mode(self) -> dict:
         """How this run was really distributed, from the model's wrapper (`distributed_mode`:
         ``mode`` single / DDP / FSDP1 / FSDP2 / DeepSpeed, ``processes``, ``wrapper``, ``note``)."""
@@ -204,6 +210,7 @@ class NMSparseTrainer(Trainer):
             processing_class=self.processing_class,
             eval_results=self._last_eval_results(),
             model_name=os.path.basename(os.path.abspath(self.args.output_dir)),
+            card={"training": self._training_rows()},
             overwrite=True,  # like Trainer.save_model: same-named files are replaced
             state_dict=state_dict,
             is_main_process=self.args.should_save,
@@ -274,6 +281,7 @@ class NMSparseTrainer(Trainer):
             tags = kwargs.get("tags") or []
             tags = [tags] if isinstance(tags, str) else list(tags)
             kwargs["tags"] = tags + [t for t in model_tags if t not in tags]
+        kwargs.setdefault("training", self._training_rows())
         write_model_card(
             folder,
             load_sparse_metadata(folder),
