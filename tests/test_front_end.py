@@ -67,6 +67,19 @@ def test_config_file_flags_win_and_numbers_are_numbers(recipe, tmp_path):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
+def test_help_names_the_script_and_the_shared_flags(recipe, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--help"], recipe)
+    text = capsys.readouterr().out
+    assert info.value.code == 0
+    name = SCRIPTS[recipe].removesuffix(".py")
+    assert text.startswith(f"usage: accelerate launch recipes/{name}.py [CONFIG | --config CONFIG]")
+    head = text.split("options:")[0]
+    for flag in ("--resume_from_checkpoint true", "--overwrite_output_dir true", "lock file"):
+        assert flag in head, flag
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_resume_true_finds_the_last_checkpoint(recipe, tmp_path):
     for step in (2, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
