@@ -48,6 +48,7 @@ import importlib.util
 import json
 import random
 import re
+import statistics
 import sys
 import time
 import zipfile
@@ -251,17 +252,30 @@ def distill(start, recipe: str, seed: int, ctx: dict, args: argparse.Namespace):
     return model.eval(), losses
 
 
+@torch.no_grad()
+def replaced(start, model, names: list[str]) -> float:
+    """The fraction of ``start``'s non-zero weights in the layers ``names`` that are zero in
+    ``model``: how much of the one-shot pattern a recipe changed (0 under ``held``)."""
+    before, after = dict(start.named_modules()), dict(model.named_modules())
+    kept = [before[n].weight != 0 for n in names]
+    lost = sum(int((k & (after[n].weight == 0)).sum()) for n, k in zip(names, kept, strict=True))
+    return lost / sum(int(k.sum()) for k in kept)
+
+
 def recover(start, recipe: str, seed: int, ctx: dict, args: argparse.Namespace) -> dict:
-    """`distill` ``start`` with ``recipe``; return its held-out quality, the mean training loss
-    of the last tenth of the steps and the seconds it took."""
+    """`distill` ``start`` with ``recipe``; return its held-out quality, the fraction of the
+    one-shot pattern it `replaced`, the mean training loss of the last tenth of the steps and
+    the seconds it took."""
     began = time.perf_counter()
     model, losses = distill(start, recipe, seed, ctx, args)
+    swapped = replaced(start, model, ctx["targets"])
     score = quality(
         model, ctx["tokenizer"], ctx["data"]["eval"], ctx["teacher_eval"], args.max_length
     )
     tail = losses[-max(1, args.steps // 10) :]
     return {
         "quality": score,
+        "replaced": swapped,
         "train_loss": sum(tail) / len(tail),
         "seconds": time.perf_counter() - began,
     }
@@ -285,6 +299,10 @@ def summarize(oneshot: dict, runs: list[dict]) -> dict:
     seeds = sorted({r["seed"] for r in runs})
     by_start = {(r["start"], r["recipe"], r["seed"]): r["quality"] for r in runs}
     out = {"one_shot": oneshot, "recovered": {}, "recipe_pairs": {}, "start_pairs": {}}
+    swaps = {(r["start"], r["recipe"]): [] for r in runs if "replaced" in r}
+    for r in runs:
+        swaps.get((r["start"], r["recipe"]), []).append(r.get("replaced"))
+    out["replaced"] = {f"{st}/{rec}": statistics.fmean(v) for (st, rec), v in swaps.items()}
     for start in STARTS:
         vals = {(rec, s): q for (st, rec, s), q in by_start.items() if st == start}
         out["recovered"][start] = {
@@ -335,6 +353,9 @@ def tables(summary: dict) -> str:
     for rec in RECIPES:
         cells = summary["start_pairs"][rec]
         rows.append(f"{rec:<10} " + "  ".join(f"{fmt(cells[p], True):<27}" for p in pairs))
+    if summary.get("replaced"):
+        rows += ["", "one-shot pattern replaced (fraction of its kept weights, mean over seeds)"]
+        rows += [f"  {key:<20} {v:.4f}" for key, v in summary["replaced"].items()]
     return "\n".join(rows)
 
 
@@ -468,6 +489,7 @@ def run_all(out: Path, args: argparse.Namespace) -> dict:
             f"{report.tokens} tokens  {time.perf_counter() - began:.1f}s",
             flush=True,
         )
+    ctx["targets"] = list(report.layers)
     setup = {
         "model": name,
         "targets": len(report.blocks),
@@ -487,6 +509,7 @@ def run_all(out: Path, args: argparse.Namespace) -> dict:
                 runs.append({"start": method, "recipe": recipe, "seed": seed, **result})
                 print(
                     f"seed {seed}  {method:<10} {recipe:<9} cosine {result['quality']:.4f}  "
+                    f"replaced {result['replaced']:.4f}  "
                     f"loss {result['train_loss']:.4f}  {result['seconds']:.1f}s",
                     flush=True,
                 )

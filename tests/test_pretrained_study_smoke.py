@@ -73,6 +73,16 @@ def test_mdgf_beta_puts_alpha_near_zero_at_70_percent():
     assert study.recipe_config("SR-STE", 100).sparsity_type == "srste"
 
 
+def test_replaced_counts_kept_weights_that_became_zero():
+    study = load_script()
+    start = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        start[0].weight.copy_(torch.tensor([[1.0, 0, 2, 0], [0, 3, 4, 0]]))
+        model[0].weight.copy_(torch.tensor([[1.0, 5, 0, 0], [0, 3, 4, 0]]))
+    assert study.replaced(start, model, ["0"]) == 0.25  # 1 of the 4 kept weights is now zero
+
+
 def test_missing_package_is_a_clear_message(monkeypatch, tmp_path):
     study = load_script()
     monkeypatch.setattr(study, "PACKAGE", "no_such_package_for_the_study")
@@ -98,6 +108,9 @@ def test_held_keeps_the_one_shot_pattern_and_progressive_recipes_end_2_of_4():
             assert not torch.equal(after, before)  # it trained
             if recipe == "held":
                 assert torch.equal(after != 0, before != 0)
+        ctx["targets"] = list(report.layers)
+        swapped = study.replaced(start, model, ctx["targets"])
+        assert swapped == 0 if recipe == "held" else 0 <= swapped <= 1
 
 
 def test_tiny_run_writes_json_and_plot_and_resumes(tmp_path, capsys):
@@ -107,6 +120,7 @@ def test_tiny_run_writes_json_and_plot_and_resumes(tmp_path, capsys):
     runs = results["runs"]
     assert len(runs) == 2 * len(study.STARTS) * len(study.RECIPES)
     assert all(-1 <= r["quality"] <= 1 for r in runs)
+    assert all(r["replaced"] == 0 for r in runs if r["recipe"] == "held")
     assert set(results["one_shot"]) == set(study.STARTS)
     saved = json.loads((tmp_path / "pretrained_study.json").read_text())
     assert saved["config"]["targets"] == 12 and saved["config"]["steps"] == 2
