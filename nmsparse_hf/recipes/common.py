@@ -291,8 +291,7 @@ def save_and_finish(
                 break
     if metrics:
         trainer.create_model_card(**card)  # now with the final evaluation
-    mode = distributed_mode(trainer)
-    return finish_run(trainer, metrics, final_dir, time.time() - start, notes, distributed, mode)
+    return finish_run(trainer, metrics, final_dir, time.time() - start, notes, distributed)
 
 
 def text_card_fields(model_args, data_args, output_dir: str) -> dict[str, Any]:
@@ -356,34 +355,16 @@ def check_ranks_agree(trainer) -> dict[str, Any]:
     return info
 
 
-def distributed_mode(trainer) -> str:
-    """The way the run was really distributed, from the wrapped model (not from the launch
-    flags: FSDP asked for on CPU may quietly run as DDP): ``single``, ``DDP``, ``FSDP2``,
-    ``FSDP1``, ``DeepSpeed``, else accelerate's distributed type."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    wrapped = trainer.model_wrapped
-    if trainer.args.world_size < 2:
-        return "single"
-    if isinstance(wrapped, DistributedDataParallel):
-        return "DDP"
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    except ImportError:  # torch without FSDP
-        FSDPModule = FullyShardedDataParallel = ()  # noqa: N806
-    if isinstance(wrapped, FSDPModule) or isinstance(trainer.model, FSDPModule):
-        return "FSDP2"
-    if isinstance(wrapped, FullyShardedDataParallel):
-        return "FSDP1"
-    if trainer.is_deepspeed_enabled:
-        return "DeepSpeed"
-    return str(getattr(trainer.accelerator.distributed_type, "value", "unknown"))
-
-
-def finish_run(trainer, metrics, final_dir, seconds, notes, distributed, mode=None):
-    """Verify the saved model, print and write the summary; tear the process group down.
+def finish_run(trainer, metrics, final_dir, seconds, notes, distributed):
+    """Verify the saved model, print and write the summary (with the distributed mode that
+    really ran, `integrations.distributed.distributed_mode`); tear the process group down.
     Returns the summary (empty on processes other than the main one)."""
     from ..export import verify_checkpoint
+    from ..integrations.distributed import distributed_mode
+
+    mode = distributed_mode(trainer)
+    if mode["note"]:
+        notes.append(mode["note"])
 
     summary: dict[str, Any] = {}
     report = None
@@ -391,7 +372,7 @@ def finish_run(trainer, metrics, final_dir, seconds, notes, distributed, mode=No
         report = verify_checkpoint(final_dir)
         summary = summarize(trainer, metrics, final_dir, report, seconds, notes)
         summary["distributed"] = distributed
-        summary["distributed_mode"] = mode or distributed_mode(trainer)
+        summary["distributed_mode"] = mode["mode"]
         print(format_summary(summary), flush=True)
     # No collective runs after this point. Tear the process group down on every rank before
     # returning: a gloo group left to interpreter shutdown can abort the process ("terminate
