@@ -243,3 +243,21 @@ def test_script_runs_as_a_file():
     )
     assert out.returncode == 0, out.stderr
     assert "--dataset_config_name" in out.stdout and "--n_keep" in out.stdout
+
+
+def test_validation_labels_unseen_in_training_are_one_line_before_training(tmp_path, capsys):
+    for split, rows in (("train", _rows(12, seed=1)), ("dev", _rows(4, seed=2))):
+        if split == "dev":
+            rows[0]["label"] = "neutral"  # never in training
+        with open(tmp_path / f"{split}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["sentence", "sentence2", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+    argv = ["--train_file", str(tmp_path / "train.csv"), "--validation_file"]
+    argv += [str(tmp_path / "dev.csv"), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.cli([*argv, "--report_to", "none"])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "'neutral'" in err[0] and "never occur in the training" in err[0]
+    assert not (tmp_path / "out" / "final").exists()

@@ -574,14 +574,15 @@ def _output_dir(args, model_args, given: set[str]) -> str:
 
 
 def _resume(value: str | None, output_dir: str, notes: list[str]) -> str | None:
-    """``true`` -> the last complete checkpoint in ``output_dir`` (none: start, with a note),
-    ``false`` -> none, a path -> that checkpoint (it must exist)."""
+    """``true`` -> the newest readable checkpoint in ``output_dir`` (damaged newer ones are
+    skipped with a warning naming them; none: start, with a note), ``false`` -> none, a path ->
+    that checkpoint (it must exist)."""
     if value is None or str(value).strip().lower() in FALSE:
         return None
     if str(value).strip().lower() in TRUE:
-        from transformers.trainer_utils import get_last_checkpoint
+        from ..integrations.resume import last_readable_checkpoint
 
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        last = last_readable_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         notes.append(
             f"resuming from {last}"
             if last

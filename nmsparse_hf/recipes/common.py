@@ -35,11 +35,11 @@ def recipe_cli(recipe: str, main: Callable[[RecipeArgs], Any], argv: list[str] |
     and run ``main``; a setting error is printed as one line on stderr with exit code 2 (no
     traceback), as argparse does for a bad flag."""
     from ..data import DataArgumentsError
-    from ..errors import NMSparsityConfigError, NMTargetError
+    from ..errors import NMCheckpointError, NMSparsityConfigError, NMTargetError
 
     try:
         main(parse_args(argv, recipe))
-    except (NMSparsityConfigError, NMTargetError, DataArgumentsError) as exc:
+    except (NMSparsityConfigError, NMTargetError, NMCheckpointError, DataArgumentsError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 

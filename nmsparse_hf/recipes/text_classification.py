@@ -182,6 +182,16 @@ def load_text_data(data_args: TextDataArguments):
     evaluation = _first(raw[eval_split], data_args.max_eval_samples) if eval_split in raw else None
     columns = _text_columns(data_args, glue_columns, train.column_names)
     labels = _label_names(train, data_args.label_column)
+    if evaluation is not None:  # a label the model never saw in training is refused, named
+        from ..data import check_eval_labels
+
+        column = data_args.label_column
+        check_eval_labels(
+            train.unique(column),
+            evaluation.unique(column),
+            repr(eval_split),
+            getattr(train.features[column], "names", None),
+        )
     return train, evaluation, labels, columns
 
 
