@@ -179,22 +179,124 @@ def _check_regex(field_name: str, pattern: str) -> None:
         ) from None
 
 
-def _read_yaml(path: Path) -> Any:
-    """`yaml.safe_load` of a file, every way it can be unreadable as a one-line error."""
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of settings; anything larger is not one
+
+
+def read_config_file(
+    path: str | Path, error: type[NMSparsityConfigError] = NMSparsityConfigError
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """``(mapping, line of each top-level key)`` of a YAML or JSON (by suffix) config file: the
+    one reader of config files (`NMSparsityConfig.from_yaml`, the recipes, ``nmsparse``).
+
+    Refused, each as one ``error`` line naming the file (and line): a missing file, one over
+    `MAX_CONFIG_BYTES`, text that is not UTF-8, a syntax error, duplicate keys (YAML and JSON
+    would keep the last silently), YAML anchors and aliases (so an alias bomb fails at its first
+    anchor), an empty file, and a file that is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"config file {str(path)!r} does not exist.")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise error(
+            f"{path}: {size} bytes is not a config file (at most {MAX_CONFIG_BYTES} bytes of "
+            f"'setting: value' lines); pass the right file."
+        )
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save "
+            f"the file as UTF-8."
+        ) from None
+    if not text.strip():
+        raise error(
+            f"{path}: the config file is empty; write 'setting: value' lines, or leave the file "
+            f"out to use the defaults."
+        )
+    parse = _parse_json if path.suffix == ".json" else _parse_yaml
+    data, lines = parse(path, text, error)
+    if data is None:
+        raise error(f"{path}: the config file holds no settings (only comments).")
+    if not isinstance(data, dict):
+        raise error(
+            f"{path}: a config file is a mapping of 'setting: value' lines, but this one holds a "
+            f"{type(data).__name__}; write e.g. 'learning_rate: 1e-3'."
+        )
+    return {str(k): v for k, v in data.items()}, lines
+
+
+def _parse_json(path: Path, text: str, error: type[Exception]) -> tuple[Any, dict[str, int]]:
+    import json
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise error(
+                f"{path}: duplicate key {twice[0]!r} (JSON keeps the last silently); keep one."
+            )
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=unique), {}
+    except json.JSONDecodeError as exc:
+        raise error(
+            f"{path}:{exc.lineno}: JSON syntax error: {exc.msg} (column {exc.colno})."
+        ) from None
+
+
+def _strict_loader(text: str, path: Path, error: type[Exception]):
+    """A `yaml.SafeLoader` over ``text`` that refuses anchors and aliases (a config has no use
+    for them, and nested aliases expand exponentially) and duplicate keys (PyYAML keeps the last
+    silently), each as one ``error`` naming the line."""
     import yaml
 
-    if not path.is_file():
-        raise NMSparsityConfigError(f"config file {str(path)!r} does not exist.")
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise error(
+                    f"{path}:{event.start_mark.line + 1}: YAML anchors and aliases (&name, "
+                    f"*name) are not accepted in a config; write the values out."
+                )
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                scalar = isinstance(key_node, yaml.ScalarNode)
+                key = (key_node.tag, key_node.value) if scalar else None
+                line = key_node.start_mark.line + 1
+                if key is not None and key in seen:
+                    raise error(
+                        f"{path}:{line}: duplicate key {key_node.value!r} (first on line "
+                        f"{seen[key]}); YAML would keep the last silently. Keep one."
+                    )
+                seen.setdefault(key, line)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader(text)
+
+
+def _parse_yaml(path: Path, text: str, error: type[Exception]) -> tuple[Any, dict[str, int]]:
+    import yaml
+
+    loader = _strict_loader(text, path, error)
     try:
-        with path.open(encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
-    except UnicodeDecodeError:
-        raise NMSparsityConfigError(f"{path}: not a YAML text file (not UTF-8).") from None
+        node = loader.get_single_node()
+        lines: dict[str, int] = {}
+        if isinstance(node, yaml.MappingNode):
+            lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
+        return (loader.construct_document(node) if node is not None else None), lines
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise NMSparsityConfigError(f"{where}: YAML syntax error: {problem}.") from None
+        raise error(f"{where}: YAML syntax error: {problem}.") from None
+    finally:
+        loader.dispose()
 
 
 @dataclass
@@ -561,10 +663,11 @@ class NMSparsityConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, ignore_unknown: bool = False) -> NMSparsityConfig:
-        """Read a YAML file (ours or a seed-style one) with `yaml.safe_load`; see `from_dict`.
-        A file that is missing, not text or not valid YAML raises `NMSparsityConfigError`."""
+        """Read a YAML file (ours or a seed-style one) with `read_config_file`; see `from_dict`.
+        A file that is missing, not UTF-8 text, not valid YAML, empty, or not a mapping, or that
+        repeats a key or uses YAML aliases, raises `NMSparsityConfigError`."""
         path = Path(path)
-        data = _read_yaml(path) or {}
+        data, _ = read_config_file(path)
         try:
             return cls.from_dict(data, ignore_unknown=ignore_unknown)
         except NMSparsityConfigError as exc:

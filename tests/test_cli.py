@@ -461,8 +461,8 @@ def test_report_of_a_text_recipe_config(tmp_path, capsys):
     "content, message",
     [
         (b"n_keep: [1\n", "YAML syntax error"),
-        (b"\x89PNG\r\n\x1a\n\x00\xff", "not a YAML text file"),
-        (b"- 1\n- 2\n", "expected a mapping"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff", "not UTF-8 text"),
+        (b"- 1\n- 2\n", "is a mapping of 'setting: value' lines"),
     ],
 )
 def test_unreadable_config_exits_2_in_one_line(tmp_path, capsys, command, content, message):

@@ -387,7 +387,7 @@ def test_from_yaml_refuses_unreadable_files_in_one_line(tmp_path):
     with pytest.raises(NMSparsityConfigError, match=r"broken\.yaml:3: YAML syntax error"):
         NMSparsityConfig.from_yaml(path)
     path.write_bytes(b"\xff\xfe\x00binary")
-    with pytest.raises(NMSparsityConfigError, match="not a YAML text file"):
+    with pytest.raises(NMSparsityConfigError, match="not UTF-8 text"):
         NMSparsityConfig.from_yaml(path)
     with pytest.raises(NMSparsityConfigError, match="does not exist"):
         NMSparsityConfig.from_yaml(tmp_path)

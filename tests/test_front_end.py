@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from nmsparse_hf.recipes.arguments import RecipeConfigError, parse_args
 from nmsparse_hf.recipes.common import LOCK_NAME, recipe_cli
@@ -80,13 +81,25 @@ def test_help_names_the_script_and_the_shared_flags(recipe, capsys):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_resume_true_finds_the_last_checkpoint(recipe, tmp_path):
-    for step in (2, 10):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+def test_resume_true_finds_the_last_readable_checkpoint(recipe, tmp_path):
+    """``true``: no checkpoint yet starts (with a note); else the newest readable one, a damaged
+    newer one skipped; a path that is not a checkpoint is one error line."""
+    from safetensors.torch import save_file
+
     argv = ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "true"]
-    args = parse_args(argv, recipe).training
-    assert args.resume_from_checkpoint == str(tmp_path / "checkpoint-10")
+    parsed = parse_args(argv, recipe)
+    assert parsed.training.resume_from_checkpoint is None and "starting" in parsed.notes[-1]
+    for step in (2, 10, 12):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        save_file({"w": torch.zeros(2)}, folder / "model.safetensors")
+    (tmp_path / "checkpoint-12" / "model.safetensors").write_bytes(b"\x00" * 5)  # damaged
+    assert parse_args(argv, recipe).training.resume_from_checkpoint == str(
+        tmp_path / "checkpoint-10"
+    )
+    with pytest.raises(RecipeConfigError, match="not a checkpoint directory"):
+        parse_args(["--resume_from_checkpoint", str(tmp_path / "nope")], recipe)
 
 
 # ---------------------------------------------------------------------------------- bad settings

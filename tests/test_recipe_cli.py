@@ -116,22 +116,6 @@ def test_output_dir_follows_the_pattern_used(tmp_path):
     assert model_flags.training.output_dir == "outputs/vit-s16-ste-1of16"
 
 
-def test_resume_true_finds_the_last_checkpoint(tmp_path):
-    _, _, args, _, notes = parse_args(
-        ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "true"], "vit"
-    )
-    assert args.resume_from_checkpoint is None and "starting" in notes[-1]
-    for step in (3, 6):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    _, _, args, _, _ = parse_args(
-        ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "true"], "vit"
-    )
-    assert args.resume_from_checkpoint == str(tmp_path / "checkpoint-6")
-    with pytest.raises(RecipeConfigError, match="not a checkpoint directory"):
-        parse_args(["--resume_from_checkpoint", str(tmp_path / "nope")], "vit")
-
-
 def test_finished_model_is_never_replaced_without_the_flag(tmp_path):
     final = tmp_path / "final"
     final.mkdir()

@@ -19,7 +19,6 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
-import json
 import os
 import sys
 import textwrap
@@ -31,13 +30,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import yaml
-
+from ..config import read_config_file
 from ..errors import NMSparsityConfigError
 from .seed import recipe_settings
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-MAX_CONFIG_BYTES = 1 << 20  # a config is a page of settings; anything larger is not one
 MAX_RUN_NAME = 256
 # settings naming files: a relative path is read relative to the config file when it is there
 PATH_KEYS = ("train_file", "validation_file")
@@ -320,106 +317,9 @@ def read_config(path: str, parser, notes: list[str], spec: RecipeSpec) -> dict[s
 
 
 def load_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """``(mapping, line of each top-level key)`` of a YAML/JSON config file.
-
-    Refused, each as one `RecipeConfigError` line: a file over `MAX_CONFIG_BYTES`, text that is
-    not UTF-8, a syntax error, duplicate keys (YAML and JSON would keep the last silently), YAML
-    anchors and aliases (so an alias bomb fails at its first anchor), an empty file, and a file
-    that is not a mapping.
-    """
-    path = Path(path)
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise RecipeConfigError(
-            f"{path}: {path.stat().st_size} bytes is not a config file (at most "
-            f"{MAX_CONFIG_BYTES} bytes of 'setting: value' lines); pass the right file."
-        )
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RecipeConfigError(
-            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save "
-            f"the file as UTF-8."
-        ) from None
-    if not text.strip():
-        raise RecipeConfigError(
-            f"{path}: the config file is empty; write 'setting: value' lines (see --help), or "
-            f"leave the file out to run the recipe's defaults."
-        )
-    data, lines = _parse_json(path, text) if path.suffix == ".json" else _parse_yaml(path, text)
-    if data is None:
-        raise RecipeConfigError(f"{path}: the config file holds no settings (only comments).")
-    if not isinstance(data, dict):
-        raise RecipeConfigError(
-            f"{path}: a config file is a mapping of 'setting: value' lines, but this one holds a "
-            f"{type(data).__name__}; write e.g. 'learning_rate: 1e-3'."
-        )
-    return {str(k): v for k, v in data.items()}, lines
-
-
-def _parse_json(path: Path, text: str) -> tuple[Any, dict[str, int]]:
-    def unique(pairs):
-        keys = [k for k, _ in pairs]
-        twice = sorted({k for k in keys if keys.count(k) > 1})
-        if twice:
-            raise RecipeConfigError(
-                f"{path}: duplicate key {twice[0]!r} (JSON keeps the last silently); keep one."
-            )
-        return dict(pairs)
-
-    try:
-        return json.loads(text, object_pairs_hook=unique), {}
-    except json.JSONDecodeError as exc:
-        raise RecipeConfigError(
-            f"{path}:{exc.lineno}: JSON syntax error: {exc.msg} (column {exc.colno})."
-        ) from None
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that refuses anchors and aliases (a config has no use for them, and
-    nested aliases expand exponentially) and duplicate keys (PyYAML keeps the last silently)."""
-
-    path = "<config>"
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            raise RecipeConfigError(
-                f"{self.path}:{event.start_mark.line + 1}: YAML anchors and aliases (&name, "
-                f"*name) are not accepted in a config; write the values out."
-            )
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
-            line = key_node.start_mark.line + 1
-            if key is not None and key in seen:
-                raise RecipeConfigError(
-                    f"{self.path}:{line}: duplicate key {key_node.value!r} (first on line "
-                    f"{seen[key]}); YAML would keep the last silently. Keep one."
-                )
-            seen.setdefault(key, line)
-        return super().construct_mapping(node, deep)
-
-
-def _parse_yaml(path: Path, text: str) -> tuple[Any, dict[str, int]]:
-    loader = _StrictLoader(text)
-    loader.path = str(path)
-    try:
-        node = loader.get_single_node()
-        lines: dict[str, int] = {}
-        if isinstance(node, yaml.MappingNode):
-            lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
-        return (loader.construct_document(node) if node is not None else None), lines
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeConfigError(f"{where}: YAML syntax error: {problem}.") from None
-    finally:
-        loader.dispose()
+    """``(mapping, line of each top-level key)`` of a YAML/JSON config file: `read_config_file`
+    (the one reader of config files), its refusals raised as `RecipeConfigError`."""
+    return read_config_file(path, error=RecipeConfigError)
 
 
 def _fields(dataclass_types) -> dict[str, Any]:
