@@ -329,8 +329,8 @@ def fmt(cell: dict | None, sign: bool = False) -> str:
     """``mean ± half-width`` (and seeds ahead / n for a paired difference)."""
     if cell is None:
         return "—"
-    text = f"{cell['mean']:+.4f}" if sign else f"{cell['mean']:.4f}"
-    text += f" ± {cell['ci95']:.4f}"
+    text = f"{cell['mean']:+.5f} ± {cell['ci95']:.5f}" if sign else f"{cell['mean']:.4f}"
+    text += "" if sign else f" ± {cell['ci95']:.4f}"
     return text + (f" ({cell['ahead']}/{cell['n']})" if "ahead" in cell else "")
 
 
@@ -431,6 +431,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the JSON and PNG")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--fresh", action="store_true", help="ignore the runs already in --out")
+    parser.add_argument(
+        "--report", action="store_true", help="train nothing: tables and plot of the saved runs"
+    )
     args = parser.parse_args(argv)
     args.starts, args.recipes = args.starts.split(","), args.recipes.split(",")
     return args
@@ -523,11 +526,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_all(out, args)
-    cfg = results["config"]
+    if args.report:
+        results = json.loads((out / RESULTS).read_text())
+        results["summary"] = summarize(results["one_shot"], results["runs"])
+    else:
+        results = run_all(out, args)
+    cfg, seeds = results["config"], len({r["seed"] for r in results["runs"]})
     print(
         f"\n{cfg['model']}, 2:4 on {cfg['targets']} Linears; held-out cosine to the dense "
-        f"model, mean ± 95% t interval over {args.seeds} seeds; {args.steps} steps per recovery"
+        f"model, mean ± 95% t interval over {seeds} seeds; {cfg['steps']} steps per recovery"
     )
     print("then: paired differences (same seed), mean ± 95% t interval (seeds ahead / seeds)\n")
     print(tables(results["summary"]))
@@ -535,9 +542,9 @@ def main(argv: list[str] | None = None) -> dict:
         plot(
             results["summary"],
             out / PLOT,
-            f"{cfg['model']}, 2:4, {args.steps}-step recovery, {args.seeds} seeds",
+            f"{cfg['model']}, 2:4, {cfg['steps']}-step recovery, {seeds} seeds",
         )
-        print(f"\nwrote {out / RESULTS}, {out / PLOT}")
+        print(f"\nwrote {out / PLOT}" if args.report else f"\nwrote {out / RESULTS}, {out / PLOT}")
     return results
 
 

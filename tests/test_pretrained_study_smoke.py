@@ -61,7 +61,7 @@ def test_paired_summary_against_hand_computation():
     assert summary["recovered"]["wanda"]["held"]["mean"] == pytest.approx(0.75)
     assert summary["recipe_pairs"]["wanda"]["MDGF-exp − held"] is None  # no such runs
     assert summary["start_pairs"]["held"]["wanda − magnitude"] is None
-    assert "+0.0200 ± " in study.tables(summary)
+    assert "+0.02000 ± " in study.tables(summary)
 
 
 def test_mdgf_beta_puts_alpha_near_zero_at_70_percent():
@@ -130,3 +130,6 @@ def test_tiny_run_writes_json_and_plot_and_resumes(tmp_path, capsys):
     again = study.main(argv)  # every run is in the JSON: nothing is trained again
     assert again["runs"] == runs
     assert "seed 0" not in capsys.readouterr().out
+    report = study.main([*argv, "--report"])  # tables and plot from the JSON alone
+    assert report["runs"] == runs and report["summary"] == results["summary"]
+    assert "SR-STE − held" in capsys.readouterr().out
