@@ -355,7 +355,7 @@ def tables(summary: dict) -> str:
         rows.append(f"{rec:<10} " + "  ".join(f"{fmt(cells[p], True):<27}" for p in pairs))
     if summary.get("replaced"):
         rows += ["", "one-shot pattern replaced (fraction of its kept weights, mean over seeds)"]
-        rows += [f"  {key:<20} {v:.4f}" for key, v in summary["replaced"].items()]
+        rows += [f"  {key:<20} {v:.5f}" for key, v in summary["replaced"].items()]
     return "\n".join(rows)
 
 
