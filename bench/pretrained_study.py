@@ -37,6 +37,7 @@ of the last hidden states over non-padded tokens, then L2-normalised). The dense
 The JSON is rewritten after every run; running the same command again skips the finished runs.
 
     .venv/bin/python bench/pretrained_study.py                 # the study, into docs/
+    .venv/bin/python bench/pretrained_study.py --report        # tables and plot from the JSON
     .venv/bin/python bench/pretrained_study.py --tiny --steps 3 --seeds 2 --out /tmp/ps  # smoke
 """
 
