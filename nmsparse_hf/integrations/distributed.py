@@ -54,7 +54,9 @@ def distributed_mode(trainer) -> dict[str, Any]:
     distributed type; ``processes`` is ``args.world_size``; ``note`` says when FSDP was
     configured but did not shard the model (else None).
     """
-    wrapped = getattr(trainer, "model_wrapped", None) or trainer.model
+    wrapped = getattr(trainer, "model_wrapped", None)
+    if wrapped is None:  # (not `or`: a compiled model's truth value calls len())
+        wrapped = trainer.model
     processes = int(trainer.args.world_size)
     configured = bool(getattr(trainer, "is_fsdp_enabled", False))
     sharded = _fully_sharded(trainer.model) or _fully_sharded(wrapped)
