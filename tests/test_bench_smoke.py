@@ -31,20 +31,22 @@ def test_mask_kernel_bench_runs():
     assert [row.split()[1] for row in rows] == ["2:4", "1:8", "1:32"]
 
 
+TINY_STEP = ("--layers", "1", "--image-size", "32", "--repeats", "2", "--warmup", "0")
+
+
 @pytest.mark.slow
-def test_step_overhead_bench_runs():
+def test_step_overhead_bench_runs_profiles_and_writes_json(tmp_path):
     out = run_script(
         "bench/step_overhead.py",
-        "--layers",
-        "1",
+        *TINY_STEP,
         "--batch",
         "1",
-        "--image-size",
-        "32",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
+        "--profile",
+        "STE",
+        "--profile-top",
+        "4",
+        "--json",
+        str(tmp_path / "so.json"),
     )
     assert "overhead %" in out and "saved/dense" in out and "passes %" in out
     recipes = [line.split()[0] for line in out.splitlines() if line.strip()]
@@ -54,31 +56,9 @@ def test_step_overhead_bench_runs():
         assert name in recipes
     assert "ours/authors" in out and "IQR" in out
     assert "patterns at the timed steps: STE 2:4" in out
-
-
-TINY_STEP = ("--layers", "1", "--image-size", "32", "--repeats", "2", "--warmup", "0")
-
-
-@pytest.mark.slow
-def test_step_overhead_profile_and_json(tmp_path):
-    out = run_script(
-        "bench/step_overhead.py",
-        *TINY_STEP,
-        "--batch",
-        "1",
-        "--recipes",
-        "STE",
-        "authors",
-        "--profile",
-        "STE",
-        "--profile-top",
-        "4",
-        "--json",
-        str(tmp_path / "so.json"),
-    )
     assert "STE vs dense: operators by added self CPU time" in out
     result = json.loads((tmp_path / "so.json").read_text())
-    assert set(result["variants"]) == {"dense", "STE", "authors"}
+    assert {"dense", "STE", "authors", "SR-STE"} <= set(result["variants"])
     ste = result["variants"]["STE"]
     assert len(ste["rounds"]) == 2 and "over_authors_overhead" in ste
     assert ste["saved_over_dense"] > 1  # the bool masks
