@@ -143,9 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         torch._dynamo.config.cache_size_limit = 64  # one graph per (shape, N, M)
         compiled = torch.compile(nm_mask, fullgraph=True, dynamic=False)
     torch.manual_seed(0)
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}"
-    )
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
     print("baseline elementwise pass: w.abs() (reads w, writes a new fp32 tensor)")
     header = (
         f"{'shape':>10} {'N:M':>5} {'nm_mask ms':>10} {'abs ms':>7} {'ao.step ms':>10} "
