@@ -137,24 +137,26 @@ def _recipe_keys() -> set[str]:
 
 
 def _load_config(path: str, ignore_unknown: bool) -> NMSparsityConfig:
-    """A sparsity config from a YAML file: ours, a recipe config (its training keys are passed
-    over), or a seed-style one; any other unknown key is an error unless ``ignore_unknown``."""
+    """The sparsity config a recipe would run from the config file at ``path``: the recipes' one
+    reading of config files (`recipes.arguments.config_file_settings`, which tells and translates
+    the seed's timm dialect), then its sparsity settings. Training keys are passed over; any other
+    unknown key is an error unless ``ignore_unknown``."""
+    from .recipes.arguments import config_file_settings
+
+    settings, _, _ = config_file_settings(path)
+    sparsity, rest = NMSparsityConfig.split_known_keys(settings)
+    unknown = sorted(str(key) for key in set(rest) - _recipe_keys())
+    if unknown and not ignore_unknown:
+        try:  # raises, naming them with "did you mean" hints
+            NMSparsityConfig.from_dict({key: rest[key] for key in unknown})
+        except NMSparsityError as exc:
+            raise NMSparsityError(
+                f"{path}: {exc} (for a full training YAML, pass --ignore-unknown)"
+            ) from None
     try:
-        config = NMSparsityConfig.from_yaml(path, ignore_unknown=True)
-        unknown = sorted(set(config.extra) - _recipe_keys())
-        if unknown and not ignore_unknown:
-            try:  # raises, naming them with "did you mean" hints
-                NMSparsityConfig.from_dict({k: config.extra[k] for k in unknown})
-            except NMSparsityError as exc:
-                raise NMSparsityError(f"{path}: {exc}") from None
-        return config
+        return NMSparsityConfig.from_dict(sparsity)
     except NMSparsityError as exc:
-        hint = (
-            ""
-            if ignore_unknown or "unknown" not in str(exc)
-            else " (for a full training YAML, pass --ignore-unknown)"
-        )
-        raise NMSparsityError(f"{exc}{hint}") from None
+        raise NMSparsityError(f"{path}: {exc}") from None
 
 
 def _pattern_text(pattern: tuple[int, int] | None) -> str:
@@ -286,6 +288,13 @@ def _schedule(args: argparse.Namespace) -> int:
     except NMSparsityError as exc:
         print(f"nmsparse schedule: {_one_line(exc)}", file=sys.stderr)
         return EXIT_UNREADABLE
+    if config.sparsity_type == "dense":
+        print(
+            "dense: sparsity_type is dense (a seed-style file that omits sparsity_type is a "
+            "dense run), so no layer is masked at any step; set sparsity_type (structure_nm, "
+            "srste) for a sparse run."
+        )
+        return EXIT_OK
     bounds = schedule.boundaries()
     print(
         f"{config.recipe_name}: "

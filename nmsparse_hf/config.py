@@ -69,6 +69,27 @@ SEED_KEY_ALIASES: dict[str, str] = {
 }
 
 
+SPARSITY_SECTIONS = ("sparsity", "nm_sparsity")
+
+
+def sparsity_section(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config mapping with its ``sparsity:`` (or ``nm_sparsity:``) section, if it has one,
+    lifted to the top level beside the other keys (a key set both inside and outside the section
+    is an error naming it). The one reading of that section, for `NMSparsityConfig.from_dict`
+    and the recipes' config files alike."""
+    for name in SPARSITY_SECTIONS:
+        section = data.get(name)
+        if isinstance(section, Mapping):
+            rest = {k: v for k, v in data.items() if k != name}
+            both = sorted(set(map(str, rest)) & set(map(str, section)))
+            if both:
+                raise NMSparsityConfigError(
+                    f"{', '.join(both)} set both under {name}: and at the top level; keep one."
+                )
+            return {**rest, **section}
+    return dict(data)
+
+
 def _norm_key(key: str) -> str:
     return key.strip().lower().replace("-", "_")
 
@@ -640,11 +661,7 @@ class NMSparsityConfig:
             raise NMSparsityConfigError(
                 f"expected a mapping of sparsity settings, got {type(data).__name__}."
             )
-        for section in ("sparsity", "nm_sparsity"):
-            if isinstance(data.get(section), Mapping):
-                data = data[section]
-                break
-        known, rest = cls.split_known_keys(data)
+        known, rest = cls.split_known_keys(sparsity_section(data))
         if rest and not ignore_unknown:
             vocab = sorted(
                 ({f.name for f in dataclasses.fields(cls)} - {"extra"}) | set(SEED_KEY_ALIASES)

@@ -200,10 +200,19 @@ def test_schedule_plot_writes_a_png(seed_yaml, tmp_path, capsys):
 def test_schedule_reads_training_yamls_and_refuses_misspelt_keys(tmp_path, capsys):
     # a full training YAML (seed timm keys or recipe keys) passes its training keys over
     path = tmp_path / "train.yaml"
-    path.write_text("lr: 0.001\nepochs: 300\nn_sparsity: 2\nm_sparsity: 4\nsparsity_loc: FF\n")
+    seed = "lr: 0.001\nepochs: 300\nopt: adamw\nn_sparsity: 2\nm_sparsity: 4\nsparsity_loc: FF\n"
+    path.write_text(seed + "sparsity_type: STRUCTURED_NM\n")
     assert main(["schedule", str(path), "--total-steps", "10"]) == 0
     rows = table_rows(capsys.readouterr().out)
     assert rows[0] == ["sparse", "0", "2:4", "sparse", "starts"]
+    # the file read as the recipe reads it: a seed file without sparsity_type is a dense run,
+    # and a timm setting the recipe refuses is refused here with the recipe's words
+    path.write_text(seed)
+    assert main(["schedule", str(path), "--total-steps", "10"]) == 0
+    assert capsys.readouterr().out.startswith("dense: sparsity_type is dense")
+    path.write_text(seed.replace("adamw", "sgd"))
+    assert main(["schedule", str(path), "--total-steps", "10"]) == 2
+    assert "opt='sgd' is not translated" in capsys.readouterr().err
     recipe = Path(__file__).parents[1] / "nmsparse_hf" / "recipes" / "configs" / "vit_digits.yaml"
     assert main(["schedule", str(recipe), "--total-steps", "360"]) == 0
     capsys.readouterr()

@@ -389,9 +389,13 @@ def test_cli_prune_bad_input_exits_2(saved_llama, tmp_path, capsys):
 
 def test_cli_prune_magnitude_from_a_seed_style_config(saved_llama, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("sparsity:\n  n_sparsity: 1\n  m_sparsity: 8\n  sparsity_loc: FF,O\n")
+    seed = "sparsity:\n  n_sparsity: 1\n  m_sparsity: 8\n  sparsity_loc: FF,O\n"
+    recipe.write_text(seed)
     out = tmp_path / "out"
     argv = ["prune", str(saved_llama), str(out), "--config", str(recipe), "--m-qkv", "4"]
+    assert main(argv) == 2  # read as the recipes read it: no sparsity_type is a dense run
+    assert "sparsity_type = 'dense'" in capsys.readouterr().err and not out.exists()
+    recipe.write_text(seed + "  sparsity_type: STRUCTURED_NM\n")
     assert main(argv) == 0
     meta = json.loads((out / "config.json").read_text())["nm_sparsity"]
     assert (meta["n_keep"], meta["m"], sorted(meta["locations"])) == (1, 8, ["FF", "O"])

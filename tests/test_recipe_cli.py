@@ -160,6 +160,20 @@ def test_numbers_written_as_strings_are_numbers(tmp_path):
     assert args.weight_decay == 0.05
 
 
+def test_a_sparsity_section_reads_as_top_level_keys(tmp_path):
+    """A ``sparsity:`` section (the form `NMSparsityConfig.from_yaml` and ``nmsparse`` read) is
+    read the same way by a recipe; a key set inside and outside it is refused, naming it."""
+    path = tmp_path / "nested.yaml"
+    path.write_text("learning_rate: 0.002\nsparsity:\n  n_sparsity: 1\n  m_sparsity: 8\n")
+    args = parse_args([str(path)], "vit").training
+    assert (args.n_keep, args.m, args.learning_rate) == (1, 8, 0.002)
+    path.write_text("m: 4\nsparsity:\n  m: 8\n")
+    with pytest.raises(
+        RecipeConfigError, match="nested.yaml: m set both under sparsity: and at the top level"
+    ):
+        parse_args([str(path)], "vit")
+
+
 def test_metrics_that_run_code_need_trust_remote_code(tmp_path):
     from nmsparse_hf.recipes.models import ModelArguments
 

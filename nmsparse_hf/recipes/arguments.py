@@ -299,7 +299,12 @@ def read_config(path: str, parser, notes: list[str], spec: RecipeSpec) -> dict[s
     fields = _fields(parser.dataclass_types)
     data = {spec.aliases.get(k, k): v for k, v in data.items()}
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    data, seed_notes, seed = recipe_settings(data, set(fields), world_size)
+    try:
+        data, seed_notes, seed = recipe_settings(data, set(fields), world_size)
+    except RecipeConfigError:
+        raise
+    except NMSparsityConfigError as exc:  # the seed translation's refusals, named by file
+        raise RecipeConfigError(f"{Path(path).name}: {exc}") from None
     if seed:
         notes.append(f"{Path(path).name}: seed (timm) keys translated")
     notes += seed_notes

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ..config import SEED_KEY_ALIASES, NMSparsityConfig
+from ..config import SEED_KEY_ALIASES, NMSparsityConfig, sparsity_section
 from ..errors import NMSparsityConfigError
 
 # What the seed's train.py uses when its YAML omits a key. Sparsity flags: the seed's argparse
@@ -215,7 +215,9 @@ def recipe_settings(
 
     Returns ``(settings, notes, seed)``: in a file of ours, sparsity keys spelt the seed's way
     (``n_sparsity``, ``sparsity_loc`` ...) become our names and other keys pass through (the
-    caller checks them); ``seed`` says whether the file was a seed-style one."""
+    caller checks them); ``seed`` says whether the file was a seed-style one. A ``sparsity:``
+    section is read as top-level keys (`sparsity_section`)."""
+    data = sparsity_section(data)
     if is_seed_yaml(data, our_keys):
         settings, notes = seed_yaml_to_args(data, world_size)
         return settings, notes, True
