@@ -6,7 +6,7 @@
     python recipes/train_swin.py --help                        # every flag, with this run's defaults
 
 A config is a path or the name of a shipped one (nmsparse_hf/recipes/configs/: swin_digits.yaml,
-swinv2_b_imagenet_mdgf_exp_1of32.yaml). Same arguments as recipes/train_vit.py (see README.md).
+swinv2_b_imagenet_mdgf_exp_1of32.yaml). Same arguments as recipes/train_vit.py (see docs/RECIPES.md).
 """
 
 from nmsparse_hf.recipes.image_classification import cli

@@ -10,7 +10,7 @@
 
 A config is a path or the name of a shipped one (nmsparse_hf/recipes/configs/: vit_digits.yaml,
 vit_b16_imagenet_mdgf_exp_1of32.yaml, vit_b16_seed_style.yaml); it may use our keys or the seed
-research code's timm YAML keys. See README.md ("Recipes").
+research code's timm YAML keys. See docs/RECIPES.md.
 """
 
 from nmsparse_hf.recipes.image_classification import cli
