@@ -601,7 +601,7 @@ def _prune(args: argparse.Namespace) -> int:
             args.output_dir,
             processing_class=tokenizer,
             overwrite=args.overwrite,
-            card={"base_model": args.model, "tags": ["one-shot", f"one-shot-{args.method}"]},
+            card={"base_model": args.model},
         )
     except NMVerificationError as exc:
         print(f"nmsparse prune: the output does not verify: {_one_line(exc)}", file=sys.stderr)

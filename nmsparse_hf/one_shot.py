@@ -755,7 +755,46 @@ def one_shot(
         for t in targets
     }
     verify_nm(model, layers=report.layers, sparse_dim=config.sparse_dim)
+    _record_start(model, report)
     return report
+
+
+ONE_SHOT_KEY = "nm_one_shot"
+"""The ``model.config`` attribute (and ``config.json`` key) that records a one-shot start."""
+
+
+def _record_start(model: nn.Module, report: OneShotReport) -> None:
+    """Record how the weights were pruned in ``model.config`` (a Transformers config), so that
+    every later save of the model, a Trainer checkpoint included, carries it in config.json and
+    the sparse export copies it into its metadata (``one_shot``). ``trained`` turns true when
+    sparse training starts on the model (`mark_trained`)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return  # a plain module: the report is the record
+    setattr(
+        config,
+        ONE_SHOT_KEY,
+        {
+            "method": report.method,
+            "samples": report.samples,
+            "tokens": report.tokens,
+            "trained": False,
+        },
+    )
+
+
+def one_shot_record(model: nn.Module) -> dict[str, Any] | None:
+    """The one-shot record of ``model`` (`_record_start`; through wrappers such as PEFT's, whose
+    ``config`` is the base model's), or None when it did not start from `one_shot`."""
+    record = getattr(getattr(model, "config", None), ONE_SHOT_KEY, None)
+    return dict(record) if isinstance(record, dict) else None
+
+
+def mark_trained(model: nn.Module) -> None:
+    """Note in ``model``'s one-shot record (if any) that sparse training ran after the pruning."""
+    record = one_shot_record(model)
+    if record is not None and not record.get("trained"):
+        setattr(model.config, ONE_SHOT_KEY, {**record, "trained": True})
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:

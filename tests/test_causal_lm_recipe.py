@@ -114,6 +114,12 @@ def test_one_shot_start_prunes_to_the_target_pattern_before_training(method, tmp
         f"one-shot {method} start" in n and "6 calibration texts" in n for n in summary["notes"]
     )
     assert summary["verified"]
+    # the final model records its one-shot start, and that sparse training followed it
+    final = tmp_path / "out" / "final"
+    meta = json.loads((final / "config.json").read_text())["nm_sparsity"]
+    assert (meta["one_shot"]["method"], meta["one_shot"]["trained"]) == (method, True)
+    assert meta["one_shot"]["samples"] == 6
+    assert f"pruned one-shot by nmsparse_hf ({method}" in (final / "README.md").read_text()
 
 
 def test_lora_adapters_train_and_export_the_merged_sparse_model(tmp_path):

@@ -368,6 +368,15 @@ def test_cli_prune_writes_a_verified_checkpoint(saved_llama, tmp_path, capsys):
         loaded.config.nm_sparsity["layers"]
     )
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+    # the checkpoint says how its weights were made: pruned one-shot, not trained after
+    record = {"method": "sparsegpt", "samples": 4, "tokens": loaded.config.nm_one_shot["tokens"]}
+    assert loaded.config.nm_sparsity["one_shot"] == {**record, "trained": False}
+    assert record["tokens"] > 0
+    card = (out / "README.md").read_text()
+    assert "pruned one-shot by nmsparse_hf (sparsegpt, 4 calibration samples" in card
+    assert "not trained after" in card and "trained with nmsparse_hf" not in card
+    tags = card.split("---")[1]
+    assert "- one-shot-sparsegpt" in tags and "- ste" not in tags
 
 
 def test_cli_prune_bad_input_exits_2(saved_llama, tmp_path, capsys):
@@ -409,3 +418,29 @@ def test_cli_prune_magnitude_from_a_seed_style_config(saved_llama, tmp_path, cap
     assert main(["prune", str(saved_llama), str(other), "--config", str(recipe)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+
+
+def test_one_shot_record_reads_back_and_a_malformed_one_is_refused():
+    """The metadata's ``one_shot`` record survives to_dict/from_dict; a malformed one is one
+    `NMCheckpointError` naming the field (older checkpoints, without it, read as None)."""
+    from nmsparse_hf.errors import NMCheckpointError
+    from nmsparse_hf.export.metadata import SparseCheckpointMetadata
+
+    base = {
+        "format": "nmsparse_hf/1",
+        "n_keep": 2,
+        "m": 4,
+        "sparse_dim": "row",
+        "locations": {"FF": [2, 4]},
+        "recipe": "STE",
+        "layers": {"fc": [{"location": "FF", "rows": None, "n_keep": 2, "m": 4}]},
+        "nonzeros": 8,
+        "numel": 16,
+        "achieved_sparsity": 0.5,
+    }
+    assert SparseCheckpointMetadata.from_dict(base).one_shot is None
+    record = {"method": "wanda", "samples": 8, "tokens": 512, "trained": True}
+    meta = SparseCheckpointMetadata.from_dict({**base, "one_shot": record})
+    assert SparseCheckpointMetadata.from_dict(meta.to_dict()).one_shot == record
+    with pytest.raises(NMCheckpointError, match="one_shot trained = 'yes'"):
+        SparseCheckpointMetadata.from_dict({**base, "one_shot": {**record, "trained": "yes"}})

@@ -103,7 +103,12 @@ def card_metadata(
     from huggingface_hub import EvalResult, ModelCardData
 
     patterns = [f"{p[0]}:{p[1]}" for p in meta.locations.values()]
-    tag_list = [*TAGS, *(f"{p}-sparsity" for p in patterns), meta.recipe.lower()]
+    tag_list = [*TAGS, *(f"{p}-sparsity" for p in patterns)]
+    start = meta.one_shot
+    if start is not None:
+        tag_list += ["one-shot", f"one-shot-{start['method']}"]
+    if start is None or start["trained"]:  # a recipe tag only for a model it trained
+        tag_list.append(meta.recipe.lower())
     tag_list += [t for t in (model_type, pipeline_tag) if t] + _listify(tags)
     datasets = _listify(dataset_tags)
     dataset = dataset or (datasets[0] if datasets else None)
@@ -194,6 +199,21 @@ def render_model_card(
     )
 
 
+def _origin(meta: SparseCheckpointMetadata) -> str:
+    """How the sparse weights came to be, for the card's first paragraph."""
+    trained = f"trained with nmsparse_hf (recipe: {meta.recipe})"
+    start = meta.one_shot
+    if start is None:
+        return trained
+    calib = (
+        f", {start['samples']} calibration samples, {start['tokens']} tokens"
+        if start["samples"]
+        else ""
+    )
+    pruned = f"pruned one-shot by nmsparse_hf ({start['method']}{calib})"
+    return f"{pruned}, then {trained}" if start["trained"] else f"{pruned}, not trained after"
+
+
 def _what(pipeline_tag: str | None, finetuned_from: str | None) -> str:
     article = "An" if (pipeline_tag or "").startswith(tuple("aeiou")) else "A"
     kind = f"{article} {pipeline_tag} model" if pipeline_tag else "A model"
@@ -255,7 +275,7 @@ def _body_tables(
         else "output dimension of each weight (`col`)"
     )
     return dict(
-        recipe=meta.recipe,
+        origin=_origin(meta),
         dim_words=dim_words,
         sparse_dim=meta.sparse_dim,
         achieved=f"{meta.achieved_sparsity:.4f}",

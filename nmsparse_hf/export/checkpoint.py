@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import LOCATIONS, NMSparsityConfig
 from ..errors import NMCheckpointError, NMSparsityError, NMVerificationError
+from ..one_shot import one_shot_record
 from ..sparsifier import NMSparsifier, VerificationReport, check_blocks
 from . import atomic
 from .architecture import architecture_problems
@@ -359,6 +360,7 @@ def build_metadata(
     return SparseCheckpointMetadata.from_dict(
         {
             **base,
+            "one_shot": one_shot_record(model),
             "format": f"{FORMAT_NAME}/{FORMAT_VERSION}",
             "layers": {disk[n]: blocks for n, blocks in base["layers"].items()},
             "current_names": {disk[n]: n for n in base["layers"]},

@@ -211,6 +211,9 @@ class SparseCheckpointMetadata:
         location_sparsity: per location, its pattern, block count and sparsity.
         library_version: the nmsparse_hf version that wrote the checkpoint.
         format_version: the version of this record's layout (`FORMAT_VERSION`).
+        one_shot: how the weights were first pruned, when the model started from
+            `nmsparse_hf.one_shot`: ``method`` (magnitude, wanda, sparsegpt), calibration
+            ``samples`` and ``tokens``, and whether sparse ``trained`` followed; None otherwise.
     """
 
     n_keep: int
@@ -229,6 +232,7 @@ class SparseCheckpointMetadata:
     location_sparsity: dict[str, LocationSummary] = field(default_factory=dict)
     library_version: str = ""
     format_version: int = FORMAT_VERSION
+    one_shot: dict[str, Any] | None = None
     # the ``layers_current`` a file states (derived data: verify compares it with `layers_current`)
     stated_layers_current: dict[str, list[LayerBlock]] | None = field(
         default=None, repr=False, compare=False
@@ -266,6 +270,7 @@ class SparseCheckpointMetadata:
             "numel": self.numel,
             "achieved_sparsity": self.achieved_sparsity,
             "location_sparsity": {k: v.to_dict() for k, v in self.location_sparsity.items()},
+            **({"one_shot": dict(self.one_shot)} if self.one_shot is not None else {}),
         }
 
     @classmethod
@@ -310,10 +315,27 @@ class SparseCheckpointMetadata:
             },
             library_version=str(meta.get("library_version", "")),
             format_version=version,
+            one_shot=_one_shot(meta.get("one_shot"), source),
         )
         if "layers_current" in meta:
             out.stated_layers_current = _layers(meta["layers_current"], "layers_current", source)
         return out
+
+
+def _one_shot(value: Any, source: str) -> dict[str, Any] | None:
+    """The ``one_shot`` record, type-checked (absent: None)."""
+    if value is None:
+        return None
+    record = _mapping(value, "one_shot", source)
+    trained = record.get("trained")
+    if not isinstance(trained, bool):
+        raise _fail(source, f"one_shot trained = {trained!r} is not true or false")
+    return {
+        "method": _str(record.get("method"), "one_shot method", source),
+        "samples": _int(record.get("samples"), "one_shot samples", source),
+        "tokens": _int(record.get("tokens"), "one_shot tokens", source),
+        "trained": trained,
+    }
 
 
 def _format_version(value: Any, source: str) -> int:

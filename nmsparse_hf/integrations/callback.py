@@ -7,6 +7,7 @@ from transformers.utils import logging
 
 from ..config import NMSparsityConfig
 from ..errors import NMSparsityConfigError
+from ..one_shot import mark_trained
 from ..sparsifier import NMSparsifier
 
 logger = logging.get_logger(__name__)
@@ -84,6 +85,7 @@ class NMSparsityCallback(TrainerCallback):
         return callback
 
     def on_train_begin(self, args, state, control, **kwargs):
+        mark_trained(self.sparsifier.model)  # a one-shot start's record says training followed
         self.sparsifier.set_total_steps(state.max_steps)
         self.sparsifier.update(state.global_step)
         if (
