@@ -41,8 +41,8 @@ forward adds anything -- and, as a second figure, that plus the fixed training s
 gradients, two AdamW moments).
 
 ``--compile`` runs every variant (dense included) through ``torch.compile`` (inductor), as
-``TrainingArguments(torch_compile=True)`` would; the warm-up steps then include compilation, and
-the memory columns are left out (autograd's saved-tensor hooks do not see inside a compiled graph).
+``TrainingArguments(torch_compile=True)`` would (the sparsifiers with ``compile_masks``, as the
+Trainer sets it); the warm-up steps then include compilation, and the memory columns are left out (autograd's saved-tensor hooks do not see inside a compiled graph).
 
 ``--profile RECIPE`` adds, after the timed rounds, one ``torch.profiler`` step of dense and of
 RECIPE, and prints the operators whose self CPU time grew the most from dense to RECIPE (where
@@ -244,7 +244,10 @@ class Variant:
             attach_authors(self.model, n, m, AUTHORS[name])
         elif recipe is not None:
             config = NMSparsityConfig(n_keep=n, m=m, sparse_dim="row", locations="FF", **recipe)
-            self.sparsifier = NMSparsifier(self.model, config, total_steps=total_steps)
+            # compiled, the step's masks are compiled too, as the Trainer's torch_compile does
+            self.sparsifier = NMSparsifier(
+                self.model, config, total_steps=total_steps, compile_masks=compile
+            )
             if unfused:
                 for target in self.sparsifier.targets:
                     if target.kind == "linear":

@@ -31,7 +31,13 @@ from torch import nn
 from .autograd import effective_weight, sparse_linear
 from .config import NMSparsityConfig
 from .errors import NMSparsityError, NMTargetError, NMVerificationError
-from .masks import check_divisible, count_nonzeros, nm_group_nonzeros, nm_mask
+from .masks import (
+    check_divisible,
+    compiled_nm_mask,
+    count_nonzeros,
+    nm_group_nonzeros,
+    nm_mask,
+)
 from .names import layers_for_model
 from .schedule import Pattern, SparsitySchedule, StepPlan
 from .targets import SkippedLayer, TargetLayer, find_targets
@@ -141,6 +147,8 @@ class LayerSparsity:
         # this step's mask as `NMSparsifier.update` computed it (None where it cannot: a sharded
         # weight, whose mask is computed inside forward); what a compiled forward reads
         self.step_mask: torch.Tensor | None = None
+        # the mask function: `nm_mask`, or `compiled_nm_mask` when the model runs compiled
+        self.kernel = nm_mask
 
     def mask(self, weight: torch.Tensor, patterns: list[Pattern | None] | None = None):
         """The keep-mask of ``weight`` under ``patterns`` (default: this step's); True where a block
@@ -175,12 +183,12 @@ class LayerSparsity:
     def _compute_mask(self, weight: torch.Tensor, patterns: list[Pattern | None]) -> torch.Tensor:
         if len(self.blocks) == 1 and self.blocks[0].rows is None:
             n, m = patterns[0]
-            return nm_mask(weight, n, m, self.dim)
+            return self.kernel(weight, n, m, self.dim)
         full = torch.ones_like(weight, dtype=torch.bool)
         for block, pattern in zip(self.blocks, patterns, strict=True):
             if pattern is not None:
                 rows = block.rows or (0, weight.shape[0])
-                full[rows[0] : rows[1]] = nm_mask(block.part(weight), *pattern, self.dim)
+                full[rows[0] : rows[1]] = self.kernel(block.part(weight), *pattern, self.dim)
         return full
 
     @property
@@ -513,6 +521,11 @@ class NMSparsifier:
         config: the `NMSparsityConfig`.
         total_steps: the total number of optimizer steps of the run (phases are fractions of it),
             or None to give it later with `set_total_steps` (the Trainer does, from max_steps).
+        compile_masks: compute each step's masks in `update` with `compiled_nm_mask` (the same
+            masks, by one inductor kernel per layer shape and pattern) instead of the eager
+            kernel: for a model that runs under ``torch.compile``. The Trainer's callback sets it
+            when ``TrainingArguments.torch_compile`` compiles with inductor (the default backend).
+            May be changed between steps.
 
     Raises at construction (before any training step): `NMTargetError` for an unknown model family
     without patterns, a location or pattern matching no layer, or a layer whose grouped dimension
@@ -520,10 +533,18 @@ class NMSparsifier:
     that cannot fit.
     """
 
-    def __init__(self, model: nn.Module, config: NMSparsityConfig, total_steps: int | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: NMSparsityConfig,
+        total_steps: int | None,
+        *,
+        compile_masks: bool = False,
+    ):
         self.model = model
         self.config = config
         self.total_steps = total_steps
+        self.compile_masks = compile_masks
         # validates total_steps and the phase fractions now; rebuilt with the used locations below
         self.schedule = SparsitySchedule(
             config, _PROVISIONAL_STEPS if total_steps is None else total_steps
@@ -707,6 +728,7 @@ class NMSparsifier:
             state.active = plan.masked
             state.srste_lambda = lam if plan.masked else 0.0
             state.freeze_pruned = frozen
+            state.kernel = compiled_nm_mask if self.compile_masks else nm_mask
             state.patterns = [
                 state.stage_maps[i][plan.patterns[b.location]] if plan.masked else None
                 for i, b in enumerate(state.blocks)

@@ -108,6 +108,17 @@ def test_gpu_suite_smoke(tmp_path):
     assert "## Training step" in (tmp_path / "gpu_suite.md").read_text()
 
 
+def test_one_shot_cost_bench_runs():
+    out = run_script(
+        "bench/one_shot_cost.py",
+        *("--hidden", "64", "--intermediate", "128", "--layers", "2"),
+        *("--samples", "2", "--tokens", "16", "--method", "wanda"),
+    )
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("wanda"))
+    assert row[1:5] == ["2", "x", "16", "tokens"] and row[6].startswith("+")
+    assert "layer blocks pruned: 14, kept 0.500, mean relative reconstruction error" in out
+
+
 @pytest.mark.slow
 def test_data_throughput_bench_runs(tmp_path):
     out = run_script(

@@ -388,7 +388,6 @@ def test_compiled_mask_equals_eager(n, m):
     longer groups the eager kernel as a custom op; both must give the eager mask bit for bit, also
     with ties, NaN and +-inf, for row and col grouping and for conv weights."""
     torch._dynamo.reset()
-    compiled = torch.compile(nm_mask, fullgraph=True, dynamic=False)
     cases = [
         (torch.randn(48, 64), "row"),
         (_tie_heavy((48, 64), 1), "row"),
@@ -396,9 +395,15 @@ def test_compiled_mask_equals_eager(n, m):
         (_tie_heavy((16, 32, 3, 3), 3), "row"),
         (_tie_heavy((48, 64), 4).bfloat16(), "row"),
     ]
-    for weight, dim in cases:
+
+    def every_mask(*weights):  # one graph for all cases: one compilation per pattern
+        return [nm_mask(w, n, m, dim) for w, (_, dim) in zip(weights, cases, strict=True)]
+
+    compiled = torch.compile(every_mask, fullgraph=True, dynamic=False)
+    got = compiled(*(weight for weight, _ in cases))
+    for (weight, dim), mask in zip(cases, got, strict=True):
         expected = nm_mask(weight, n, m, dim)
-        assert torch.equal(compiled(weight, n, m, dim), expected), (n, m, dim, weight.shape)
+        assert torch.equal(mask, expected), (n, m, dim, weight.shape)
     torch._dynamo.reset()
 
 
@@ -463,8 +468,10 @@ PEELED_AND_FALLBACK = [
 @pytest.mark.parametrize("kind", ["random", "ties", "special"])
 def test_every_pattern_equals_the_sorting_oracle(n, m, kind):
     """Every kernel path (2:4 network, max-pool, peeled maxima, topk fallback for n - 1 > 8,
-    n = m - 1) against the stable-sort oracle, on tie-free, tie-heavy (-1/0/1, zeros) and
-    NaN/inf weights, row and col, Linear and Conv2d shapes."""
+    n = m - 1, and the accelerators' all-rows path) against the stable-sort oracle, on tie-free,
+    tie-heavy (-1/0/1, zeros) and NaN/inf weights, row and col, Linear and Conv2d shapes."""
+    from nmsparse_hf.masks import _rows_mask
+
     g = torch.Generator().manual_seed(n * 1000 + m)
     for shape in ((64, 128), (128, 64, 1, 3)):
         if kind == "random":
@@ -474,8 +481,10 @@ def test_every_pattern_equals_the_sorting_oracle(n, m, kind):
             if kind == "special":
                 weight = _tie_heavy(shape, n + m)
         for dim in ("row", "col"):
-            got = nm_mask(weight, n, m, dim)
-            assert torch.equal(got, _oracle_any(weight, n, m, dim)), (shape, dim)
+            expected = _oracle_any(weight, n, m, dim)
+            assert torch.equal(nm_mask(weight, n, m, dim), expected), (shape, dim)
+            # what the custom op runs on a GPU (no host sync), here on the CPU
+            assert torch.equal(_rows_mask(weight.abs(), n, m, dim), expected), (shape, dim)
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 8), (4, 8), (6, 8), (2, 16), (4, 32), (8, 64), (7, 8)])

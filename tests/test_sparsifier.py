@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import subprocess
 import sys
 
@@ -403,6 +405,52 @@ def test_torch_compile_recompiles_per_distinct_plan_not_per_step(batch, recipe):
         assert len(alphas) > 10  # alpha really moved every sparse step
     # one graph per distinct plan; MDGF's first sparse step also turns alpha from 0.0 to a tensor
     assert graphs <= len(plans) + 1, (graphs, plans)
+
+
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("clang++") or os.environ.get("CXX")),
+    reason="inductor on CPU needs a C++ compiler; none found on PATH",
+)
+def test_compile_masks_computes_the_eager_step_masks_with_inductor():
+    """``compile_masks``: `update` computes each step's masks with `compiled_nm_mask` (one
+    inductor graph per weight shape and pattern, M <= 8), bit for bit the eager masks, ties
+    included; the Trainer's callback turns it on for ``torch_compile`` with inductor only."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+
+    from nmsparse_hf import NMSparsityCallback
+    from nmsparse_hf.masks import compiled_nm_mask
+
+    config = NMSparsityConfig(n_keep=1, m=8, locations="FF,QKV", n_keep_qkv=2, m_qkv=4)
+    model, ref = tiny_vit(), tiny_vit()
+    with torch.no_grad():  # ties at every keep/prune boundary of the first FF layer
+        model.vit.layers[0].mlp.fc1.weight.copy_(
+            torch.randint(-1, 2, model.vit.layers[0].mlp.fc1.weight.shape)
+        )
+    ref.load_state_dict(model.state_dict())
+    sp = NMSparsifier(model, config, 10, compile_masks=True)
+    ref_sp = NMSparsifier(ref, config, 10)
+    torch._dynamo.reset()
+    counters.clear()
+    for step in (3, 4):
+        sp.update(step), ref_sp.update(step)
+        for name, state in sp.layers.items():
+            assert state.kernel is compiled_nm_mask
+            assert torch.equal(state.step_mask, ref_sp.layers[name].step_mask), (step, name)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-1.5)
+            ref.load_state_dict(model.state_dict())
+    # fc1, fc2 and the q/k/v shape at 1:8 / 2:4: compiled once each, reused at the next step
+    assert counters["stats"]["unique_graphs"] == 3, counters["stats"]
+    torch._dynamo.reset()
+    callback = NMSparsityCallback(NMSparsifier(tiny_vit(), config, None))
+    for backend, expected in ((None, True), ("inductor", True), ("aot_eager", False)):
+        callback.sparsifier.compile_masks = False
+        args = SimpleNamespace(torch_compile=True, torch_compile_backend=backend)
+        callback.on_train_begin(args, SimpleNamespace(max_steps=10, global_step=0), None)
+        assert callback.sparsifier.compile_masks is expected, backend
 
 
 def test_compiled_forward_takes_the_step_masks_as_inputs(batch):

@@ -86,6 +86,8 @@ class NMSparsityCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         mark_trained(self.sparsifier.model)  # a one-shot start's record says training followed
+        if args.torch_compile and (args.torch_compile_backend or "inductor") == "inductor":
+            self.sparsifier.compile_masks = True  # the step masks of a compiled model: compiled too
         self.sparsifier.set_total_steps(state.max_steps)
         self.sparsifier.update(state.global_step)
         if (
