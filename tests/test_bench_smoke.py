@@ -26,9 +26,7 @@ def run_script(*args: str, timeout: int = 120) -> str:
 @pytest.mark.slow
 def test_mask_kernel_bench_runs():
     # the compiled column is exercised by the GPU suite smoke below (an inductor compile less)
-    out = run_script(
-        "bench/mask_kernel.py", "--repeats", "1", "--shapes", "64x128", "--no-compile"
-    )
+    out = run_script("bench/mask_kernel.py", "--repeats", "1", "--shapes", "64x128", "--no-compile")
     assert "mask/abs" in out and "ao.step/mask" in out
     rows = [line for line in out.splitlines() if line.strip().startswith("64x128")]
     assert [row.split()[1] for row in rows] == ["2:4", "1:8", "1:32"]
