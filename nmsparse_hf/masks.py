@@ -117,7 +117,7 @@ def _compiled_kernel():
 def compiled_nm_mask(weight: torch.Tensor, n: int, m: int, dim: str = "row") -> torch.Tensor:
     """`nm_mask` through `torch.compile`: the same mask bit for bit, computed by the traceable
     pairwise count, which the compiler fuses into one kernel per weight (on CPU 1:8 measured at
-    about 0.6 of the eager kernel's time; on a GPU one kernel instead of several). What
+    about half the eager kernel's time; on a GPU one kernel instead of several). What
     `NMSparsifier.update` computes the step's masks with when the model runs compiled
     (``compile_masks``).
 

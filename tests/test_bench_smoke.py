@@ -65,6 +65,17 @@ def test_step_overhead_bench_runs_profiles_and_writes_json(tmp_path):
     assert ste["saved_over_dense"] > 1  # the bool masks
 
 
+def test_step_breakdown_bench_runs():
+    out = run_script(
+        "bench/step_breakdown.py",
+        *("--layers", "1", "--image-size", "32", "--batch", "2", "--steps", "3", "--warmup", "1"),
+    )
+    assert "eager" in out and "medians of 2 steps" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    assert list(rows) == ["dense", "MDGF-exp", "SR-STE"]
+    assert float(rows["dense"][0]) == 0.0 and float(rows["SR-STE"][0]) > 0  # update: masks
+
+
 @pytest.mark.slow
 def test_step_scaling_bench_runs(tmp_path):
     out = run_script(
