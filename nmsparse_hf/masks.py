@@ -102,7 +102,9 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: str = "row") -> torch.Ten
             # the graph), and inductor fuses that into one pass. Longer groups, traced or not, run
             # the eager kernel, which is a custom op: one opaque node in a graph (inductor's own
             # code for short top-k reductions is slower than it).
-            return _topn_pairwise(_group_view(values.abs(), m, dim), n).reshape(weight.shape)
+            return _topn_pairwise(_group_view(_magnitude_keys(values), m, dim), n).reshape(
+                weight.shape
+            )
         return _eager_nm_mask(values, n, m, dim)
 
 
@@ -167,11 +169,6 @@ PEEL_MAX_ROUNDS = 8  # `_nth_largest` peels up to this many maxima before fallin
 def _group_max(groups: torch.Tensor) -> torch.Tensor:
     """The largest value of each group of ``groups`` ``[P, m, Q]`` (along dim 1), ``[P, 1, Q]``;
     NaN where a group holds one."""
-    m = groups.shape[1]
-    if groups.shape[2] == 1 and m < 16:
-        # max-pooling beats amax over a short innermost dimension on CPU
-        pooled = torch.nn.functional.max_pool1d(groups.view(1, 1, -1), m, m)
-        return pooled.view(-1, 1, 1)
     return groups.amax(dim=1, keepdim=True)
 
 
@@ -185,7 +182,7 @@ def _nth_largest(groups: torch.Tensor, n: int) -> tuple[torch.Tensor, bool | Non
     take the maximum, zero every entry at or above it, repeat. Where the n largest are distinct
     that is the n-th largest; where they are not, ``groups >= t`` keeps more than n, and the
     caller's count sends the group to the exact tie-breaking (as it does NaN: its comparisons are
-    false). A handful of max-pools and comparisons over the weight; ``topk`` over many short rows
+    false). A handful of maxima and comparisons over the weight; ``topk`` over many short rows
     costs several times more on CPU, and remains the path for larger n.
     """
     m = groups.shape[1]
@@ -224,7 +221,7 @@ def _topn_stable(groups: torch.Tensor, n: int, source: torch.Tensor | None = Non
     """
     if n == groups.shape[1] - 1:
         # prune the single smallest: exact unless a group's minimum is repeated
-        threshold, op, tied = _group_max(groups.neg()).neg_(), torch.gt, None
+        threshold, op, tied = groups.amin(dim=1, keepdim=True), torch.gt, None
     else:
         (threshold, tied), op = _nth_largest(groups, n), torch.ge
     # written as 1.0/0.0 floats: on CPU a comparison into a float tensor is vectorized, into a
@@ -249,25 +246,52 @@ def _count_ones(flags: torch.Tensor) -> int:
     return int(flags.sum() if exact else flags.sum(dtype=torch.float64))
 
 
-def _topn_pairwise(groups: torch.Tensor, n: int) -> torch.Tensor:
-    """`_topn_stable` by counting, for each entry, the entries of its group that outrank it
-    (larger, or equal at a lower index); kept when fewer than n do. m(m-1) comparisons per group
-    of elementwise ops over ``[P, Q]`` slices, no reduction and no data-dependent branch: under
-    `torch.compile` they fuse into one pass over the weight (2:4 measured 3-4x one `w.abs()` on
-    CPU, against about 10x for the eager path; see docs/BENCHMARKS.md). Used for m <= 8."""
-    keys = _order_keys(groups).unbind(dim=1)
-    m = len(keys)
+def _topn_pairwise(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """`_topn_stable` on the integer keys ``[P, m, Q]`` of `_magnitude_keys`: an entry is kept
+    when fewer than n entries of its group outrank it (a larger key, or an equal key at a lower
+    index). Elementwise ops over ``[P, Q]`` slices, no reduction and no data-dependent branch:
+    under `torch.compile` they fuse into one pass over the weight. Used for m <= 8.
+
+    n = 1 keeps the entry above every key before it and at least every key after it (running
+    maxima from both ends, about 3m ops per group); n = m - 1 prunes the entry at most every key
+    before it and below every key after it (running minima); other n count the m - 1 comparisons
+    per entry. 1:8 on CPU measured about 0.75x the time of counting (docs/BENCHMARKS.md)."""
+    columns = keys.unbind(dim=1)
+    m = len(columns)
+    if n in (1, m - 1):
+        # before[i] / after[i]: the max (n = 1) or min (n = m - 1) of the keys before / after i
+        running = torch.maximum if n == 1 else torch.minimum
+        before, after = [None] * m, [None] * m
+        for i in range(1, m):
+            before[i] = columns[0] if i == 1 else running(before[i - 1], columns[i - 1])
+            j = m - 1 - i
+            after[j] = columns[m - 1] if i == 1 else running(after[j + 1], columns[j + 1])
+        keep = []
+        for i, key in enumerate(columns):
+            # n = 1: kept iff key > every earlier key and key >= every later key;
+            # n = m - 1: pruned iff key <= every earlier key and key < every later key
+            tests = [key > before[i]] if before[i] is not None else []
+            tests += [key >= after[i]] if after[i] is not None else []
+            keep.append(functools.reduce(torch.logical_and if n == 1 else torch.logical_or, tests))
+        return torch.stack(keep, dim=1)
     keep = []
     for i in range(m):
-        beats = [keys[j] >= keys[i] if j < i else keys[j] > keys[i] for j in range(m) if j != i]
-        if n == 1:  # kept when nothing outranks it (and-chains are cheaper than counting)
-            keep.append(~functools.reduce(torch.logical_or, beats))
-        elif n == m - 1:  # pruned when everything outranks it
-            keep.append(~functools.reduce(torch.logical_and, beats))
-        else:
-            count = functools.reduce(torch.add, [b.to(torch.int32) for b in beats])
-            keep.append(count < n)
+        beats = [
+            columns[j] >= columns[i] if j < i else columns[j] > columns[i]
+            for j in range(m)
+            if j != i
+        ]
+        count = functools.reduce(torch.add, [b.to(torch.int32) for b in beats])
+        keep.append(count < n)
     return torch.stack(keep, dim=1)
+
+
+def _magnitude_keys(values: torch.Tensor) -> torch.Tensor:
+    """`_order_keys` of ``|values|`` (float32/64) in one op: the bits of ``values`` as integers
+    with the sign bit cleared, which is what ``abs`` does to a float's bits (NaN included)."""
+    if values.dtype == torch.float32:
+        return values.view(torch.int32) & 0x7FFFFFFF
+    return values.view(torch.int64) & 0x7FFFFFFFFFFFFFFF
 
 
 def _topn_stable_rows(groups: torch.Tensor, n: int) -> torch.Tensor:

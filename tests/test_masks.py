@@ -394,6 +394,7 @@ def test_compiled_mask_equals_eager(n, m):
         (_tie_heavy((64, 48), 2), "col"),
         (_tie_heavy((16, 32, 3, 3), 3), "row"),
         (_tie_heavy((48, 64), 4).bfloat16(), "row"),
+        (_tie_heavy((48, 64), 5).double(), "row"),
     ]
 
     def every_mask(*weights):  # one graph for all cases: one compilation per pattern
@@ -467,10 +468,17 @@ PEELED_AND_FALLBACK = [
 @pytest.mark.parametrize(("n", "m"), PEELED_AND_FALLBACK)
 @pytest.mark.parametrize("kind", ["random", "ties", "special"])
 def test_every_pattern_equals_the_sorting_oracle(n, m, kind):
-    """Every kernel path (2:4 network, max-pool, peeled maxima, topk fallback for n - 1 > 8,
-    n = m - 1, and the accelerators' all-rows path) against the stable-sort oracle, on tie-free,
-    tie-heavy (-1/0/1, zeros) and NaN/inf weights, row and col, Linear and Conv2d shapes."""
-    from nmsparse_hf.masks import _rows_mask
+    """Every kernel path (2:4 network, group maximum, peeled maxima, topk fallback for n - 1 > 8,
+    n = m - 1, the accelerators' all-rows path, and for M <= 8 the traceable pairwise path that
+    compiled masks run, here eagerly) against the stable-sort oracle, on tie-free, tie-heavy
+    (-1/0/1, zeros) and NaN/inf weights, row and col, Linear and Conv2d shapes, fp32 and fp64."""
+    from nmsparse_hf.masks import (
+        PAIRWISE_MAX_M,
+        _group_view,
+        _magnitude_keys,
+        _rows_mask,
+        _topn_pairwise,
+    )
 
     g = torch.Generator().manual_seed(n * 1000 + m)
     for shape in ((64, 128), (128, 64, 1, 3)):
@@ -485,6 +493,11 @@ def test_every_pattern_equals_the_sorting_oracle(n, m, kind):
             assert torch.equal(nm_mask(weight, n, m, dim), expected), (shape, dim)
             # what the custom op runs on a GPU (no host sync), here on the CPU
             assert torch.equal(_rows_mask(weight.abs(), n, m, dim), expected), (shape, dim)
+            if m <= PAIRWISE_MAX_M:
+                for values in (weight, weight.double()):
+                    keys = _group_view(_magnitude_keys(values), m, dim)
+                    traced = _topn_pairwise(keys, n).reshape(shape)
+                    assert torch.equal(traced, expected), (shape, dim, values.dtype)
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 8), (4, 8), (6, 8), (2, 16), (4, 32), (8, 64), (7, 8)])
