@@ -13,6 +13,7 @@ A group never spans two rows (or columns): M must divide the grouped dimension.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 
@@ -108,28 +109,40 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: str = "row") -> torch.Ten
         return _eager_nm_mask(values, n, m, dim)
 
 
-COMPILED_RECOMPILE_LIMIT = 64  # graphs `compiled_nm_mask` may hold: weight shapes x patterns
+COMPILED_RECOMPILE_LIMIT = 64  # graphs `compiled_nm_masks` may hold: weight shapes x patterns
+
+
+def _every_mask(weights: tuple[torch.Tensor, ...], n: int, m: int, dim: str) -> list[torch.Tensor]:
+    return [nm_mask(weight, n, m, dim) for weight in weights]
 
 
 @functools.cache
 def _compiled_kernel():
-    return torch.compile(nm_mask, dynamic=False, fullgraph=True)
+    return torch.compile(_every_mask, dynamic=False, fullgraph=True)
+
+
+def compiled_nm_masks(
+    weights: Sequence[torch.Tensor], n: int, m: int, dim: str = "row"
+) -> list[torch.Tensor]:
+    """`nm_mask` of each of ``weights`` through `torch.compile`, in one compiled call: the same
+    masks bit for bit, computed by the traceable pairwise path, which the compiler fuses into one
+    kernel per weight (on CPU 1:8 measured at about 0.4x the eager kernel's time; on a GPU one
+    kernel instead of several). What `NMSparsifier.update` computes the step's masks with when
+    the model runs compiled (``compile_masks``), one call per weight shape and pattern: one
+    guard check and one call for a model's twelve FF1 weights instead of twelve.
+
+    Compiles once per list of weight shapes and dtypes, grouping and pattern (the first call of
+    each takes seconds; on CPU inductor needs a C++ compiler). Where a compiled graph would only
+    call the eager kernel (M > 8, n == m) and inside a graph being traced, it is `nm_mask`."""
+    if torch.compiler.is_compiling() or m > PAIRWISE_MAX_M or n >= m:
+        return _every_mask(tuple(weights), n, m, dim)
+    with torch._dynamo.config.patch(recompile_limit=COMPILED_RECOMPILE_LIMIT):
+        return list(_compiled_kernel()(tuple(weights), n, m, dim))
 
 
 def compiled_nm_mask(weight: torch.Tensor, n: int, m: int, dim: str = "row") -> torch.Tensor:
-    """`nm_mask` through `torch.compile`: the same mask bit for bit, computed by the traceable
-    pairwise count, which the compiler fuses into one kernel per weight (on CPU 1:8 measured at
-    about half the eager kernel's time; on a GPU one kernel instead of several). What
-    `NMSparsifier.update` computes the step's masks with when the model runs compiled
-    (``compile_masks``).
-
-    Compiles once per weight shape, dtype, grouping and pattern (the first call of each takes
-    seconds; on CPU inductor needs a C++ compiler). Where a compiled graph would only call the
-    eager kernel (M > 8, n == m) and inside a graph being traced, it is `nm_mask` itself."""
-    if torch.compiler.is_compiling() or m > PAIRWISE_MAX_M or n >= m:
-        return nm_mask(weight, n, m, dim)
-    with torch._dynamo.config.patch(recompile_limit=COMPILED_RECOMPILE_LIMIT):
-        return _compiled_kernel()(weight, n, m, dim)
+    """`compiled_nm_masks` of one weight."""
+    return compiled_nm_masks((weight,), n, m, dim)[0]
 
 
 @torch.library.custom_op("nmsparse_hf::nm_mask", mutates_args=())

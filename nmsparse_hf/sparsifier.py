@@ -34,6 +34,7 @@ from .errors import NMSparsityError, NMTargetError, NMVerificationError
 from .masks import (
     check_divisible,
     compiled_nm_mask,
+    compiled_nm_masks,
     count_nonzeros,
     nm_group_nonzeros,
     nm_mask,
@@ -171,14 +172,30 @@ class LayerSparsity:
             # traced: the mask `NMSparsifier.update` computed eagerly for this step enters the
             # graph as an input, so a compiled forward never recomputes it
             return self.step_mask
-        key = _mask_key(weight)
-        if key is not None:
-            key = (key, tuple(self.patterns))
-            if self.cached_mask is not None and self.cached_mask[0] == key:
-                return self.cached_mask[1]
+        key = self._step_key(weight)
+        if key is not None and self.cached_mask is not None and self.cached_mask[0] == key:
+            return self.cached_mask[1]
         mask = self._compute_mask(weight, self.patterns)
         self.cached_mask = None if key is None else (key, mask)
         return mask
+
+    def _step_key(self, weight: torch.Tensor) -> tuple | None:
+        key = _mask_key(weight)
+        return None if key is None else (key, tuple(self.patterns))
+
+    def pending_mask(self, weight: torch.Tensor) -> tuple[tuple, Pattern] | None:
+        """``(cache key, pattern)`` when this step's mask of ``weight`` is one kernel call over
+        the whole weight that `mask` would compute now (not cached, not held, one block), else
+        None: what `NMSparsifier.update` computes for several layers in one call."""
+        held = self.frozen_mask
+        if self.freeze_pruned and held is not None and held.shape == weight.shape:
+            return None
+        if len(self.blocks) != 1 or self.blocks[0].rows is not None:
+            return None
+        key = self._step_key(weight)
+        if key is None or (self.cached_mask is not None and self.cached_mask[0] == key):
+            return None
+        return key, self.patterns[0]
 
     def _compute_mask(self, weight: torch.Tensor, patterns: list[Pattern | None]) -> torch.Tensor:
         if len(self.blocks) == 1 and self.blocks[0].rows is None:
@@ -754,13 +771,33 @@ class NMSparsifier:
         The Trainer's ``on_step_end`` and the next ``on_step_begin`` update to the same step: the
         second call finds the masks cached and computes nothing."""
         sharded = _fully_sharded(self.model)
+        pending: list[tuple[LayerSparsity, torch.Tensor]] = []
         for target in self.targets:
             state = self.layers[target.name]
             weight = target.module.weight
             if not state.masked or sharded or _mask_key(weight) is None:
                 state.step_mask = None
                 continue
-            state.step_mask = state.mask(weight.t() if target.fan_in_fan_out else weight)
+            pending.append((state, weight.t() if target.fan_in_fan_out else weight))
+        if self.compile_masks:
+            self._compile_step_masks(pending)
+        for state, weight in pending:
+            state.step_mask = state.mask(weight)
+
+    def _compile_step_masks(self, pending: list[tuple[LayerSparsity, torch.Tensor]]) -> None:
+        """Compute the masks `LayerSparsity.mask` would compute one by one with one
+        `compiled_nm_masks` call per weight shape, dtype and pattern, and cache them."""
+        groups: dict[tuple, list[tuple[LayerSparsity, tuple, torch.Tensor]]] = {}
+        for state, weight in pending:
+            todo = state.pending_mask(weight)
+            if todo is not None:
+                key, pattern = todo
+                group = (tuple(weight.shape), weight.dtype, weight.device, pattern, state.dim)
+                groups.setdefault(group, []).append((state, key, weight))
+        for (*_, (n, m), dim), members in groups.items():
+            masks = compiled_nm_masks([weight for *_, weight in members], n, m, dim)
+            for (state, key, _), mask in zip(members, masks, strict=True):
+                state.cached_mask = (key, mask)
 
     @torch.no_grad()
     def _apply_frozen_masks(self) -> None:

@@ -411,16 +411,27 @@ def test_torch_compile_recompiles_per_distinct_plan_not_per_step(batch, recipe):
     not (shutil.which("g++") or shutil.which("clang++") or os.environ.get("CXX")),
     reason="inductor on CPU needs a C++ compiler; none found on PATH",
 )
-def test_compile_masks_computes_the_eager_step_masks_with_inductor():
-    """``compile_masks``: `update` computes each step's masks with `compiled_nm_mask` (one
-    inductor graph per weight shape and pattern, M <= 8), bit for bit the eager masks, ties
-    included; the Trainer's callback turns it on for ``torch_compile`` with inductor only."""
+def test_compile_masks_computes_the_eager_step_masks_with_inductor(monkeypatch):
+    """``compile_masks``: `update` computes each step's masks with `compiled_nm_masks`, one call
+    and one inductor graph per weight shape and pattern (M <= 8) for all the layers that share
+    them, bit for bit the eager masks, ties included; the Trainer's callback turns it on for
+    ``torch_compile`` with inductor only."""
     from types import SimpleNamespace
 
     from torch._dynamo.utils import counters
 
     from nmsparse_hf import NMSparsityCallback
+    from nmsparse_hf import sparsifier as sparsifier_module
     from nmsparse_hf.masks import compiled_nm_mask
+
+    calls: list[tuple[int, tuple[int, int]]] = []
+
+    def counted(weights, n, m, dim="row"):
+        calls.append((len(weights), (n, m)))
+        return sparsifier_module.compiled_nm_masks.__wrapped__(weights, n, m, dim)
+
+    counted.__wrapped__ = sparsifier_module.compiled_nm_masks
+    monkeypatch.setattr(sparsifier_module, "compiled_nm_masks", counted)
 
     config = NMSparsityConfig(n_keep=1, m=8, locations="FF,QKV", n_keep_qkv=2, m_qkv=4)
     model, ref = tiny_vit(), tiny_vit()
@@ -433,6 +444,7 @@ def test_compile_masks_computes_the_eager_step_masks_with_inductor():
     ref_sp = NMSparsifier(ref, config, 10)
     torch._dynamo.reset()
     counters.clear()
+    calls.clear()  # the constructor's own update
     for step in (3, 4):
         sp.update(step), ref_sp.update(step)
         for name, state in sp.layers.items():
@@ -444,6 +456,8 @@ def test_compile_masks_computes_the_eager_step_masks_with_inductor():
             ref.load_state_dict(model.state_dict())
     # fc1, fc2 and the q/k/v shape at 1:8 / 2:4: compiled once each, reused at the next step
     assert counters["stats"]["unique_graphs"] == 3, counters["stats"]
+    # per step: both fc1, both fc2, the six q/k/v weights of the two blocks, one call each
+    assert sorted(calls) == sorted([(2, (1, 8)), (2, (1, 8)), (6, (2, 4))] * 2), calls
     torch._dynamo.reset()
     callback = NMSparsityCallback(NMSparsifier(tiny_vit(), config, None))
     for backend, expected in ((None, True), ("inductor", True), ("aot_eager", False)):
