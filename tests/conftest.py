@@ -15,6 +15,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per xdist worker (the suite runs one worker per core): more OpenMP
+    # threads than cores spin against each other, which made tiny-model tests several times
+    # slower; the subprocesses that tests start get OMP_NUM_THREADS=1 the same way
+    torch.set_num_threads(1)
+
 
 def tiny_vit(
     hidden: int = 64,
