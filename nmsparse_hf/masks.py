@@ -126,7 +126,7 @@ def compiled_nm_masks(
 ) -> list[torch.Tensor]:
     """`nm_mask` of each of ``weights`` through `torch.compile`, in one compiled call: the same
     masks bit for bit, computed by the traceable pairwise path, which the compiler fuses into one
-    kernel per weight (on CPU 1:8 measured at about 0.4x the eager kernel's time; on a GPU one
+    kernel per weight (on CPU 1:8 measured at about 0.4-0.6x the eager kernel's time; on a GPU one
     kernel instead of several). What `NMSparsifier.update` computes the step's masks with when
     the model runs compiled (``compile_masks``), one call per weight shape and pattern: one
     guard check and one call for a model's twelve FF1 weights instead of twelve.
