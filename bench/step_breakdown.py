@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from step_overhead import RECIPES, TOTAL_STEPS, build_model
+from step_overhead import RECIPES, TOTAL_STEPS, build_model, keep_heap
 
 from nmsparse_hf import NMSparsifier, NMSparsityConfig
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args(argv)
     n_keep, m = (int(v) for v in a.pattern.split(":"))
+    heap = keep_heap()  # as step_overhead.py: no page faults from the heap's state in any part
     torch._dynamo.config.recompile_limit = 64
     base = build_model(False, a.layers, a.image_size)
     pixels = torch.randn(a.batch, 3, a.image_size, a.image_size)
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = "torch.compile (inductor), compile_masks" if a.compile else "eager"
     print(
         f"ViT-S/16 layers={a.layers or 12} image={a.image_size} batch={a.batch} FF {a.pattern} "
-        f"row, {mode}, threads {torch.get_num_threads()}, medians of {a.steps - a.warmup} steps (ms)"
+        f"row, {mode}, threads {torch.get_num_threads()}, heap kept: {heap}, medians of "
+        f"{a.steps - a.warmup} steps (ms)"
     )
     print(f"{'variant':>10}" + "".join(f"{part:>11}" for part in PARTS) + f"{'step':>11}")
     for name, (*_, times) in variants.items():
