@@ -102,7 +102,7 @@ def _straight_through(
             # g - (-λ)x is g + λx bit for bit; written as a subtraction because inductor rewrites
             # ``mm + tensor`` into an addmm that copies the decay into the output first, while a
             # pointwise epilogue fuses with the kernel that already reads W and m (CPU, ViT-S/16:
-            # SR-STE's compiled step 6.1% -> 4.5-4.9% over dense, docs/BENCHMARKS.md)
+            # about 5 ms a step, docs/BENCHMARKS.md)
             grad = grad - (-srste_lambda) * weight.masked_fill(mask, 0)
         return grad.masked_fill(~mask, 0) if freeze_pruned else grad
     if srste_lambda:

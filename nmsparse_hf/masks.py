@@ -268,7 +268,7 @@ def _topn_pairwise(keys: torch.Tensor, n: int) -> torch.Tensor:
     n = 1 keeps the entry above every key before it and at least every key after it (running
     maxima from both ends, about 3m ops per group); n = m - 1 prunes the entry at most every key
     before it and below every key after it (running minima); other n count the m - 1 comparisons
-    per entry. 1:8 on CPU measured about 0.75x the time of counting (docs/BENCHMARKS.md)."""
+    per entry. 1:8 on CPU measured about 0.8x the time of counting (docs/BENCHMARKS.md)."""
     columns = keys.unbind(dim=1)
     m = len(columns)
     if n in (1, m - 1):

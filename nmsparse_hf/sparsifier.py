@@ -163,10 +163,8 @@ class LayerSparsity:
         (``param.data = ...``, ``.to()``) recomputes it; docs/METHOD.md §4 "Cadence"."""
         if patterns is not None:
             return self._compute_mask(weight, patterns)
-        held = self.frozen_mask
-        if self.freeze_pruned and held is not None and held.shape == weight.shape:
-            # a held mask (finetune_mask="frozen", mask_source="weights") is this step's mask;
-            # under FSDP2 it is held per shard and the whole weight's mask is computed below
+        held = self._held_mask(weight)
+        if held is not None:
             return held
         if torch.compiler.is_compiling() and self.step_mask is not None:
             # traced: the mask `NMSparsifier.update` computed eagerly for this step enters the
@@ -179,6 +177,14 @@ class LayerSparsity:
         self.cached_mask = None if key is None else (key, mask)
         return mask
 
+    def _held_mask(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """A held mask (finetune_mask="frozen", mask_source="weights") is this step's mask;
+        under FSDP2 it is held per shard and the whole weight's mask is computed instead."""
+        held = self.frozen_mask
+        if self.freeze_pruned and held is not None and held.shape == weight.shape:
+            return held
+        return None
+
     def _step_key(self, weight: torch.Tensor) -> tuple | None:
         key = _mask_key(weight)
         return None if key is None else (key, tuple(self.patterns))
@@ -187,8 +193,7 @@ class LayerSparsity:
         """``(cache key, pattern)`` when this step's mask of ``weight`` is one kernel call over
         the whole weight that `mask` would compute now (not cached, not held, one block), else
         None: what `NMSparsifier.update` computes for several layers in one call."""
-        held = self.frozen_mask
-        if self.freeze_pruned and held is not None and held.shape == weight.shape:
+        if self._held_mask(weight) is not None:
             return None
         if len(self.blocks) != 1 or self.blocks[0].rows is not None:
             return None
