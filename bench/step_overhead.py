@@ -42,7 +42,8 @@ gradients, two AdamW moments).
 
 ``--compile`` runs every variant (dense included) through ``torch.compile`` (inductor), as
 ``TrainingArguments(torch_compile=True)`` would (the sparsifiers with ``compile_masks``, as the
-Trainer sets it); the warm-up steps then include compilation, and the memory columns are left out (autograd's saved-tensor hooks do not see inside a compiled graph).
+Trainer sets it); the warm-up steps then include compilation, and the memory columns are left out
+(autograd's saved-tensor hooks do not see inside a compiled graph).
 
 ``--profile RECIPE`` adds, after the timed rounds, one ``torch.profiler`` step of dense and of
 RECIPE, and prints the operators whose self CPU time grew the most from dense to RECIPE (where
