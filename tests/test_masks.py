@@ -468,8 +468,8 @@ PEELED_AND_FALLBACK = [
 @pytest.mark.parametrize(("n", "m"), PEELED_AND_FALLBACK)
 @pytest.mark.parametrize("kind", ["random", "ties", "special"])
 def test_every_pattern_equals_the_sorting_oracle(n, m, kind):
-    """Every kernel path (2:4 network, group maximum, peeled maxima, topk fallback for n - 1 > 8,
-    n = m - 1, the accelerators' all-rows path, and for M <= 8 the traceable pairwise path that
+    """Every kernel path (2:4 network, first maximum for n = 1, group maximum, peeled maxima, topk
+    fallback for n - 1 > 8, n = m - 1, the accelerators' all-rows path, and for M <= 8 the traceable pairwise path that
     compiled masks run, here eagerly) against the stable-sort oracle, on tie-free, tie-heavy
     (-1/0/1, zeros) and NaN/inf weights, row and col, Linear and Conv2d shapes, fp32 and fp64."""
     from nmsparse_hf.masks import (
@@ -490,7 +490,8 @@ def test_every_pattern_equals_the_sorting_oracle(n, m, kind):
                 weight = _tie_heavy(shape, n + m)
         for dim in ("row", "col"):
             expected = _oracle_any(weight, n, m, dim)
-            assert torch.equal(nm_mask(weight, n, m, dim), expected), (shape, dim)
+            for values in (weight, weight.double()):
+                assert torch.equal(nm_mask(values, n, m, dim), expected), (shape, dim, values.dtype)
             # what the custom op runs on a GPU (no host sync), here on the CPU
             assert torch.equal(_rows_mask(weight.abs(), n, m, dim), expected), (shape, dim)
             if m <= PAIRWISE_MAX_M:

@@ -48,7 +48,7 @@ def test_gradient_terms_are_the_plain_expressions_bit_for_bit(dtype, in_place):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_effective_weight_is_the_plain_expression_bit_for_bit(dtype):
     _, weight, mask = _tensors(dtype)
-    for alpha in (torch.tensor(0.37), 0.25, 0.0):
+    for alpha in (torch.tensor(0.37), 0.37, 0.25, torch.tensor(1e-42), -2.0, 1.0, 0.0):
         expected = torch.where(mask, weight, weight * alpha) if alpha != 0 else weight * mask
         assert torch.equal(_bits(_masked(weight, mask, alpha)), _bits(expected))
 
@@ -79,7 +79,7 @@ def test_effective_weight_in_a_compute_dtype_is_the_plain_expression_cast(weight
     W's dtype and casting (one rounding saved, none changed)."""
     _, weight, mask = _tensors(weight_dtype)
     weight = weight * 1.37  # products that round in the narrower dtype
-    for alpha in (torch.tensor(0.37), 0.25, 0.0):
+    for alpha in (torch.tensor(0.37), 0.37, 0.25, torch.tensor(1e-42), -2.0, 1.0, 0.0):
         expected = torch.where(mask, weight, weight * alpha) if alpha != 0 else weight * mask
         got = _masked(weight, mask, alpha, dtype)
         assert got.dtype == dtype
