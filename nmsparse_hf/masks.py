@@ -261,7 +261,7 @@ def _top1(groups: torch.Tensor) -> torch.Tensor:
     of `_magnitude_keys` (``argmax`` returns the first of equal maxima), set by one scatter. Exact
     by construction, so no count and no tie path; ATen's integer ``argmax`` over short contiguous
     groups is several times faster than its float ``amax`` and comparison there (1:8 on 1536x384
-    at 2 threads: 0.58 against 0.93 ms, docs/BENCHMARKS.md)."""
+    at 2 threads: 0.66 against 0.93 ms a mask, docs/BENCHMARKS.md)."""
     first = _magnitude_keys(groups).argmax(dim=1, keepdim=True)
     return torch.zeros(groups.shape, dtype=torch.bool, device=groups.device).scatter_(1, first, True)
 
