@@ -670,7 +670,9 @@ def _measure(args: argparse.Namespace, heap: str) -> dict:
         "floor"
     )
     if args.compile:
-        print("target (ViT-S/16, batch 8, FF 1:8): compiled sparse step <= 1.03x the compiled dense")
+        print(
+            "target (ViT-S/16, batch 8, FF 1:8): compiled sparse step <= 1.03x the compiled dense"
+        )
     else:
         print("targets (ViT-S/16, batch 8, FF 1:8): ours/authors <= 0.5, saved/dense <= 1.05")
     if args.profile:

@@ -33,6 +33,16 @@ import torch.nn.functional as F
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _keep(mask: torch.Tensor) -> torch.Tensor:
+    """The bool keep-mask of ``mask``, a bool mask or its 0/1 bytes (``mask.view(torch.uint8)``).
+
+    A compiled forward receives the step's mask as bytes (`LayerSparsity.forward_mask`): inductor's
+    CPU code reads a uint8 input with one vector load and a bool input entry by entry (W ⊙ m for
+    ViT-S's 24 FF weights: 5.5 against 11.5 ms, docs/BENCHMARKS.md); ``mask != 0`` on the bytes
+    fuses into the kernel that reads them."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 def _recording(*tensors: torch.Tensor) -> bool:
     """True when the plain expressions must be used: autograd records a graph through one of
     ``tensors`` (double backward: differentiable, nothing written in place), or `torch.compile`
@@ -86,8 +96,8 @@ def _masked(
     binary = not isinstance(alpha, torch.Tensor) and alpha == 0
     if _recording(weight):
         if binary:
-            return (weight * mask).to(dtype)
-        return torch.where(mask, weight, weight * alpha).to(dtype)
+            return (weight * mask).to(dtype)  # the same bits for a bool mask and its 0/1 bytes
+        return torch.where(_keep(mask), weight, weight * alpha).to(dtype)
     if binary:
         factor = mask.view(torch.uint8)
     else:
@@ -114,8 +124,8 @@ def _straight_through(
             # ``mm + tensor`` into an addmm that copies the decay into the output first, while a
             # pointwise epilogue fuses with the kernel that already reads W and m (CPU, ViT-S/16:
             # about 5 ms a step, docs/BENCHMARKS.md)
-            grad = grad - (-srste_lambda) * weight.masked_fill(mask, 0)
-        return grad.masked_fill(~mask, 0) if freeze_pruned else grad
+            grad = grad - (-srste_lambda) * weight.masked_fill(_keep(mask), 0)
+        return grad.masked_fill(~_keep(mask), 0) if freeze_pruned else grad
     if srste_lambda:
         decay = _zero_where(weight * srste_lambda, mask, True)
         grad = grad.add_(decay) if in_place else grad + decay
@@ -130,7 +140,8 @@ class EffectiveWeight(torch.autograd.Function):
 
     Args:
         weight: the dense parameter W (stays dense; the optimizer updates it).
-        mask: bool keep-mask m, shaped like ``weight`` (no gradient).
+        mask: bool keep-mask m, shaped like ``weight`` (no gradient), or its 0/1 bytes
+            (``mask.view(torch.uint8)``, what a compiled forward passes).
         alpha: float or 0-d tensor; 0 gives a binary mask.
         srste_lambda: float λ; adds λ·(1−m)⊙W to the gradient (SR-STE), 0 disables it.
         freeze_pruned: if True, the gradient of pruned weights is zero (frozen-mask fine-tune).

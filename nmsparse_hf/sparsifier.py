@@ -148,6 +148,9 @@ class LayerSparsity:
         # this step's mask as `NMSparsifier.update` computed it (None where it cannot: a sharded
         # weight, whose mask is computed inside forward); what a compiled forward reads
         self.step_mask: torch.Tensor | None = None
+        # its 0/1 bytes (``step_mask.view(torch.uint8)``, made eagerly): what a compiled forward
+        # takes as the graph input (inductor's CPU code loads bytes as a vector, bools one by one)
+        self.step_bytes: torch.Tensor | None = None
         # the mask function: `nm_mask`, or `compiled_nm_mask` when the model runs compiled
         self.kernel = nm_mask
 
@@ -176,6 +179,16 @@ class LayerSparsity:
         mask = self._compute_mask(weight, self.patterns)
         self.cached_mask = None if key is None else (key, mask)
         return mask
+
+    def forward_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """`mask` as the sparse forward takes it: while `torch.compile` traces, the 0/1 bytes of
+        this step's mask (``step_bytes``) where `NMSparsifier.update` computed one, so that the
+        graph's input is a uint8 tensor (W ⊙ m and SR-STE's decay, compiled for ViT-S's 24 FF
+        weights: about half the time they take with a bool input, docs/BENCHMARKS.md); the bool
+        mask otherwise. `autograd.SparseLinear` and `EffectiveWeight` take either."""
+        if torch.compiler.is_compiling() and self.step_bytes is not None:
+            return self.step_bytes
+        return self.mask(weight)
 
     def _held_mask(self, weight: torch.Tensor) -> torch.Tensor | None:
         """A held mask (finetune_mask="frozen", mask_source="weights") is this step's mask;
@@ -233,7 +246,7 @@ class LayerSparsity:
         if not self.masked:
             return weight
         return effective_weight(
-            weight, self.mask(weight), self.alpha, self.srste_lambda, self.freeze_pruned
+            weight, self.forward_mask(weight), self.alpha, self.srste_lambda, self.freeze_pruned
         )
 
     def linear(
@@ -247,7 +260,7 @@ class LayerSparsity:
             input,
             weight,
             bias,
-            self.mask(weight),
+            self.forward_mask(weight),
             self.alpha,
             self.srste_lambda,
             self.freeze_pruned,
@@ -781,13 +794,14 @@ class NMSparsifier:
             state = self.layers[target.name]
             weight = target.module.weight
             if not state.masked or sharded or _mask_key(weight) is None:
-                state.step_mask = None
+                state.step_mask = state.step_bytes = None
                 continue
             pending.append((state, weight.t() if target.fan_in_fan_out else weight))
         if self.compile_masks:
             self._compile_step_masks(pending)
         for state, weight in pending:
             state.step_mask = state.mask(weight)
+            state.step_bytes = state.step_mask.view(torch.uint8)
 
     def _compile_step_masks(self, pending: list[tuple[LayerSparsity, torch.Tensor]]) -> None:
         """Compute the masks `LayerSparsity.mask` would compute one by one with one

@@ -300,25 +300,41 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch):
         torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
 
 
-def test_torch_compile_matches_eager(batch):
+@pytest.mark.parametrize(
+    "recipe, steps",
+    [
+        ({"decay_type": "exp", "decay_coef": 0.1}, (2, 3)),  # alpha changes between steps
+        ({"sparsity_type": "srste"}, (2, 3)),
+        ({"finetune_fraction": 0.3, "finetune_mask": "frozen"}, (8, 9)),
+    ],
+    ids=["MDGF-exp", "SR-STE", "frozen-fine-tune"],
+)
+def test_torch_compile_matches_eager(batch, recipe, steps):
+    """The traced forward (the step masks as graph inputs, as bytes) gives the eager loss and the
+    eager gradient of every sparse weight: MDGF's α, SR-STE's decay, the frozen mask's zeros."""
     x, y = batch
-    cfg = NMSparsityConfig(decay_type="exp", decay_coef=0.1, locations="FF")
+    cfg = NMSparsityConfig(locations="FF", **recipe)
     results = []
     for compiled in (False, True):
         model = tiny_vit()
         sp = NMSparsifier(model, cfg, total_steps=10)
         run = torch.compile(model, backend="aot_eager") if compiled else model
         out = []
-        for step in (2, 3):  # alpha changes between steps
+        for step in steps:
             sp.update(step)
             loss = run(pixel_values=x, labels=y).loss
             loss.backward()
-            out.append((loss.detach(), model.vit.layers[0].mlp.fc1.weight.grad.clone()))
+            grads = [t.module.weight.grad.clone() for t in sp.targets]
+            out.append((loss.detach(), grads))
             model.zero_grad()
         results.append(out)
+    torch._dynamo.reset()
     for (l0, g0), (l1, g1) in zip(*results, strict=True):
         torch.testing.assert_close(l1, l0)
-        torch.testing.assert_close(g1, g0)
+        for eager, traced in zip(g0, g1, strict=True):
+            torch.testing.assert_close(traced, eager)
+            if recipe.get("finetune_mask") == "frozen":
+                assert torch.equal(traced == 0, eager == 0)  # pruned entries: exactly zero
 
 
 def test_stats_report_sparsity_and_flip_rate(batch):
@@ -468,9 +484,9 @@ def test_compile_masks_computes_the_eager_step_masks_with_inductor(monkeypatch):
 
 
 def test_compiled_forward_takes_the_step_masks_as_inputs(batch):
-    """Under torch.compile the masks `update(step)` computed enter the graph as inputs: one graph
-    (no break), no mask computed inside it, reused at the next step (new masks, same graph), and
-    the compiled loss equals the eager one at both steps."""
+    """Under torch.compile the masks `update(step)` computed enter the graph as inputs, as their
+    0/1 bytes: one graph (no break), no mask computed inside it, reused at the next step (new
+    masks, same graph), and the compiled loss equals the eager one at both steps."""
     graphs: list[list[torch.Tensor]] = []
 
     def backend(gm, example_inputs):
@@ -496,5 +512,7 @@ def test_compiled_forward_takes_the_step_masks_as_inputs(batch):
         )
     torch._dynamo.reset()
     assert len(graphs) == 1  # one graph for both steps
-    bool_inputs = [t for t in graphs[0] if isinstance(t, torch.Tensor) and t.dtype == torch.bool]
-    assert len(bool_inputs) == sum(len(t.blocks) for t in sp.targets) == 10
+    # the masks enter as their 0/1 bytes (`LayerSparsity.step_bytes`), one per layer, no bools
+    dtypes = [t.dtype for t in graphs[0] if isinstance(t, torch.Tensor)]
+    assert dtypes.count(torch.uint8) == sum(len(t.blocks) for t in sp.targets) == 10
+    assert torch.bool not in dtypes
