@@ -44,9 +44,8 @@ def _cli_error(recipe: str, argv: list[str], capsys) -> str:
         recipe_cli(recipe, _main(recipe), argv)
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    return errors[0]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
 
 
 # ---------------------------------------------------------------------------------- config files
@@ -126,6 +125,8 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--run_name", "x" * 5000], "run_name is 5000 characters"),
         (["--target_modules", r"mlp\.(fc1"], r"'mlp\\.(fc1' is not a valid regular expression"),
         (["--sparsity_type", "dense"], "sparsity_type=dense"),
+        (["--max_steps", "abc"], "argument --max_steps/--max-steps: invalid int value: 'abc'"),
+        (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
     ]
 
 

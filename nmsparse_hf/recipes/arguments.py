@@ -9,7 +9,8 @@ the run says so in one line.
 
 Every mistake in a file or a flag is a `RecipeConfigError` raised before any data or model is
 loaded: one line naming the file (and line where the parser gives it), the field, the value and
-the fix. `common.recipe_cli` prints it and exits with code 2, like argparse.
+the fix. `common.recipe_cli` prints it and exits with code 2; the parser prints a bad flag the
+same way (`_one_line_error`).
 """
 
 from __future__ import annotations
@@ -194,9 +195,16 @@ def make_parser(recipe: str | RecipeSpec):
         allow_abbrev=False,
         formatter_class=_HelpFormatter,
     )
+    parser.error = types.MethodType(_one_line_error, parser)
     for alias, name in spec.aliases.items():
         parser.add_argument(f"--{alias}", dest=name, help=f"Same as --{name}.")
     return parser
+
+
+def _one_line_error(parser: argparse.ArgumentParser, message: str) -> typing.NoReturn:
+    """A bad flag (unknown, or a value of the wrong type) as every other setting error of the
+    recipes: one line on stderr and exit code 2, where argparse prints its usage first."""
+    parser.exit(2, f"error: {message}; --help lists every flag with its type and default\n")
 
 
 def parse_args(argv: list[str] | None, recipe: str | RecipeSpec) -> RecipeArgs:

@@ -33,7 +33,7 @@ LOCK_NAME = "nmsparse_run.lock"
 def recipe_cli(recipe: str, main: Callable[[RecipeArgs], Any], argv: list[str] | None) -> None:
     """A recipe script's entry point: parse ``argv`` (default ``sys.argv[1:]``) for ``recipe``
     and run ``main``; a setting error is printed as one line on stderr with exit code 2 (no
-    traceback), as argparse does for a bad flag."""
+    traceback), as the parser prints a bad flag."""
     from ..data import DataArgumentsError
     from ..errors import NMCheckpointError, NMSparsityConfigError, NMTargetError
 
