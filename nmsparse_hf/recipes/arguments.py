@@ -202,9 +202,16 @@ def make_parser(recipe: str | RecipeSpec):
 
 
 def _one_line_error(parser: argparse.ArgumentParser, message: str) -> typing.NoReturn:
-    """A bad flag (unknown, or a value of the wrong type) as every other setting error of the
-    recipes: one line on stderr and exit code 2, where argparse prints its usage first."""
-    parser.exit(2, f"error: {message}; --help lists every flag with its type and default\n")
+    """argparse's ``error`` for a bad flag (unknown, or a value of the wrong type): printed as
+    every other setting error (`exit_setting_error`), where argparse prints its usage first."""
+    exit_setting_error(f"{message}; --help lists every flag with its type and default")
+
+
+def exit_setting_error(message: str) -> typing.NoReturn:
+    """Print a setting error as the recipes print every one, ``error: <message>`` on one line of
+    stderr (whitespace runs folded), and exit with code 2, as argparse does."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
 
 def parse_args(argv: list[str] | None, recipe: str | RecipeSpec) -> RecipeArgs:

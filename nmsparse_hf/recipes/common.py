@@ -24,7 +24,7 @@ from dataclasses import MISSING, fields
 from enum import Enum
 from typing import Any
 
-from .arguments import RecipeArgs, RecipeConfigError, parse_args
+from .arguments import RecipeArgs, RecipeConfigError, exit_setting_error, parse_args
 
 LOCK_NAME = "nmsparse_run.lock"
 
@@ -40,8 +40,7 @@ def recipe_cli(recipe: str, main: Callable[[RecipeArgs], Any], argv: list[str] |
     try:
         main(parse_args(argv, recipe))
     except (NMSparsityConfigError, NMTargetError, NMCheckpointError, DataArgumentsError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        exit_setting_error(str(exc))
 
 
 # ------------------------------------------------------------------ before step 1
